@@ -1,0 +1,87 @@
+"""Derive the DeepSpeed config from the bigtrain config: the only place DeepSpeed JSON is made.
+
+The learning-rate schedule is not in it: bigtrain passes its own (bigtrain/schedule.py) to the engine,
+which checkpoints it like its own.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bigtrain.config.validate import data_parallel_size, resolve_device
+
+
+def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` on `world_size` processes."""
+    train = cfg.train
+    dp = data_parallel_size(cfg, world_size)
+    on_gpu = resolve_device(cfg) == "cuda"
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * dp,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": _zero(cfg),
+        "optimizer": _optimizer(cfg, on_gpu),
+        "bf16": {"enabled": cfg.precision.name == "bf16"},
+        "fp16": {"enabled": cfg.precision.name == "fp16", "initial_scale_power": 16},
+        # bigtrain prints its own step lines; DeepSpeed's would repeat them from every rank.
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.logging.tensorboard:
+        ds["tensorboard"] = {
+            "enabled": True,
+            "output_path": str(Path(cfg.run_dir) / "tensorboard"),
+            "job_name": "train",
+        }
+    return _merge(ds, OmegaConf.to_container(cfg.deepspeed))
+
+
+def _zero(cfg: DictConfig) -> dict[str, Any]:
+    zero, offload = cfg.zero, cfg.offload
+    section: dict[str, Any] = {"stage": zero.stage}
+    if zero.stage == 0:
+        return section
+    section.update(
+        overlap_comm=zero.overlap_comm,
+        contiguous_gradients=zero.contiguous_gradients,
+        reduce_bucket_size=zero.reduce_bucket_size,
+        allgather_bucket_size=zero.allgather_bucket_size,
+    )
+    if offload.optimizer != "none":
+        section["offload_optimizer"] = _offload_target(offload.optimizer, offload)
+    if offload.param != "none":
+        section["offload_param"] = _offload_target(offload.param, offload)
+    return section
+
+
+def _offload_target(device: str, offload: DictConfig) -> dict[str, Any]:
+    target: dict[str, Any] = {"device": device, "pin_memory": offload.pin_memory}
+    if device == "nvme":
+        target["nvme_path"] = offload.nvme_path
+    return target
+
+
+def _optimizer(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
+    opt = cfg.optimizer
+    params: dict[str, Any] = {
+        "lr": opt.lr,
+        "betas": list(opt.betas),
+        "eps": opt.eps,
+        "weight_decay": opt.weight_decay,
+    }
+    if not on_gpu:
+        # DeepSpeed's FusedAdam is a GPU kernel; on the CPU torch's own AdamW is the fast path.
+        params["torch_adam"] = True
+    return {"type": "AdamW" if opt.name == "adamw" else "Adam", "params": params}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base

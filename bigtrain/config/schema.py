@@ -1,0 +1,174 @@
+"""Typed schema of every bigtrain option; Hydra's YAML groups in conf/ fill it in."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_llama"
+    """Label used in logs and run directory names."""
+    family: str = "llama"
+    """Hugging Face `model_type` (llama, gpt2, mistral, qwen2, ...) used to build from `hf_config`."""
+    pretrained: Optional[str] = None
+    """Local Hugging Face model folder to load weights and config from (overrides family/hf_config)."""
+    hf_config: Dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the `transformers` config class of `family`."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (eager, sdpa, flash_attention_2)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "bundled"
+    """Label of the data source."""
+    builder: str = "json"
+    """`datasets.load_dataset` path: a builder (json, text, parquet, csv) or a hub dataset name."""
+    files: List[str] = field(default_factory=list)
+    """Local data files for the builder; each must exist."""
+    text_field: str = "text"
+    """Column holding the raw text."""
+    split: str = "train"
+    tokenizer: str = "${asset:tokenizer}"
+    """Local tokenizer folder (AutoTokenizer.from_pretrained)."""
+    cache_dir: Optional[str] = None
+    """Where `datasets` caches downloads and tokenized data (default: its own cache)."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class OffloadConfig:
+    name: str = "none"
+    optimizer: str = "none"
+    """Where optimizer states live: none (on the device), cpu, nvme."""
+    param: str = "none"
+    """Where parameters live between uses (ZeRO-3 only): none, cpu, nvme."""
+    nvme_path: Optional[str] = None
+    """Folder on a fast local disk for nvme offload."""
+    pin_memory: bool = False
+    """Page-locked host buffers; faster host-device copies on GPU, no gain on a CPU-only machine."""
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    """Training precision: fp32, bf16 (mixed, fp32 master weights) or fp16 (mixed, loss scaling)."""
+
+
+@dataclass
+class ParallelConfig:
+    pipeline: int = 1
+    """Pipeline-parallel degree."""
+    tensor: int = 1
+    """Tensor-parallel degree."""
+
+
+@dataclass
+class CommConfig:
+    name: str = "none"
+    """Gradient communication compression."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "warmup_cosine"
+    """warmup_cosine (linear warm-up, cosine decay to min_lr_ratio * lr) or constant."""
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks. When set it must equal
+    micro_batch_size * grad_accum * data-parallel ranks; leave unset to derive it."""
+    device: str = "auto"
+    """auto (GPU when one is visible, else CPU), cpu or cuda."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    """Checkpoint folder, relative to run_dir unless absolute."""
+    interval: int = 0
+    """Save every this many steps; 0 saves only at the end."""
+    keep: int = 3
+    """Keep this many newest checkpoints."""
+    resume: str = "auto"
+    """auto (newest checkpoint in the checkpoint folder, else start fresh), never, or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    """Log metrics every this many steps (the first and last step are always logged)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under run_dir/tensorboard."""
+    progress: bool = True
+    """Print a step line on rank 0."""
+    deepspeed_level: str = "warning"
+    """Level of DeepSpeed's own log messages (debug, info, warning, error)."""
+
+
+@dataclass
+class FaultConfig:
+    collective_timeout_s: float = 600.0
+    """Longest a collective may block before the process group gives up; bounds how long a crashed
+    peer can stall the others (gloo's own default is 30 minutes)."""
+
+
+@dataclass
+class BigtrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    seed: int = 1234
+    """Seeds model init, data order and dropout."""
+    run_dir: Optional[str] = None
+    """Folder shared by all ranks for logs, metrics and checkpoints. Unset: runs/<overrides>."""
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config merged last into the derived config, for options bigtrain has no key for."""
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="bigtrain_schema", node=BigtrainConfig)

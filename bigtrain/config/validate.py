@@ -1,0 +1,234 @@
+"""Refuse configs that cannot work, before any process group, model or engine exists.
+
+Each check raises ConfigError with one paragraph: what is wrong, the value seen, and what to change.
+Checks that need the model's or tokenizer's config read only those small files, never weights.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bigtrain.config.errors import ConfigError
+
+LOCAL_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
+OPTIMIZERS = {"adamw", "adam"}
+SCHEDULERS = {"warmup_cosine", "constant"}
+OFFLOAD_DEVICES = {"none", "cpu", "nvme"}
+PRECISIONS = {"fp32", "bf16", "fp16"}
+# DeepSpeed 0.19 removed these features; a config key for any of them is a hard error there.
+REMOVED_DEEPSPEED_KEYS = {
+    "sparse_gradients", "elasticity", "compression_training", "amp", "quantize_training",
+    "eigenvalue", "sparse_attention", "progressive_layer_drop", "curriculum_learning",
+    "graph_harvesting", "nebula",
+}
+
+
+def resolve_device(cfg: DictConfig) -> str:
+    """The device this run trains on: 'cuda' or 'cpu'."""
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    return world_size // (cfg.parallel.pipeline * cfg.parallel.tensor)
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError for the first problem found in `cfg` for a job of `world_size` processes."""
+    _check_complete(cfg)
+    _check_positive(cfg)
+    _check_layout(cfg, world_size)
+    _check_zero_and_offload(cfg)
+    _check_precision(cfg)
+    _check_optimizer(cfg)
+    _check_deepspeed_extra(cfg)
+    _check_data_files(cfg)
+    _check_model_and_tokenizer(cfg)
+
+
+def _check_complete(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"Missing required value for {', '.join(repr(k) for k in missing)}. "
+            f"Set it on the command line, e.g. {missing[0]}=VALUE."
+        )
+
+
+def _check_positive(cfg: DictConfig) -> None:
+    sizes = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.seq_len": cfg.train.seq_len,
+        "parallel.pipeline": cfg.parallel.pipeline,
+        "parallel.tensor": cfg.parallel.tensor,
+        "logging.interval": cfg.logging.interval,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "optimizer.lr": cfg.optimizer.lr,
+    }
+    if cfg.train.global_batch_size is not None:
+        sizes["train.global_batch_size"] = cfg.train.global_batch_size
+    for key, value in sizes.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}. Set {key} to a value above 0.")
+    for key in ("checkpoint.interval", "scheduler.warmup_steps", "optimizer.grad_clip"):
+        value = OmegaConf.select(cfg, key)
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}. Use 0 to turn it off.")
+
+
+def _check_layout(cfg: DictConfig, world_size: int) -> None:
+    pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
+    if pp > 1 or tp > 1:
+        raise ConfigError(
+            f"parallel.pipeline={pp} and parallel.tensor={tp}: this release trains with data "
+            "parallelism only. Set parallel.pipeline=1 parallel.tensor=1 and scale with more ranks "
+            "and ZeRO (zero=stage3) instead."
+        )
+    if world_size % (pp * tp):
+        raise ConfigError(
+            f"{world_size} processes cannot be split into pipeline={pp} x tensor={tp} groups. "
+            f"Launch a multiple of {pp * tp} processes or change parallel.pipeline/parallel.tensor."
+        )
+    dp = data_parallel_size(cfg, world_size)
+    mb, ga, gbs = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size
+    if gbs is not None and gbs != mb * ga * dp:
+        hint = (
+            f"e.g. train.grad_accum={gbs // (mb * dp)}"
+            if gbs % (mb * dp) == 0
+            else f"it must be a multiple of micro_batch_size x data-parallel ranks = {mb * dp}"
+        )
+        raise ConfigError(
+            f"train.global_batch_size={gbs} cannot hold with {dp} data-parallel ranks: "
+            f"micro_batch_size {mb} x grad_accum {ga} x {dp} ranks = {mb * ga * dp}. "
+            f"Change train.grad_accum or train.micro_batch_size ({hint}), or unset train.global_batch_size."
+        )
+
+
+def _check_zero_and_offload(cfg: DictConfig) -> None:
+    stage, off = cfg.zero.stage, cfg.offload
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {stage}. Pick zero=stage0..stage3.")
+    for key in ("optimizer", "param"):
+        if off[key] not in OFFLOAD_DEVICES:
+            raise ConfigError(
+                f"offload.{key}={off[key]!r} is not a place DeepSpeed can offload to. "
+                f"Use one of {sorted(OFFLOAD_DEVICES)}."
+            )
+    if off.param != "none" and stage != 3:
+        raise ConfigError(
+            f"offload={off.name} moves parameters off the device, which only ZeRO stage 3 can do; "
+            f"the config has zero=stage{stage}. Use zero=stage3, or offload=optimizer to offload "
+            "optimizer states only."
+        )
+    if off.optimizer != "none" and stage == 0:
+        raise ConfigError(
+            f"offload={off.name} needs ZeRO to partition the optimizer, but the config has "
+            "zero=stage0. Use zero=stage1, stage2 or stage3 with offload, or offload=none."
+        )
+    if "nvme" in (off.optimizer, off.param):
+        if not off.nvme_path or not Path(off.nvme_path).is_dir():
+            raise ConfigError(
+                f"NVMe offload needs offload.nvme_path to be an existing folder on a fast disk; got "
+                f"{off.nvme_path!r}. Create the folder and pass offload.nvme_path=/path/to/it."
+            )
+
+
+def _check_precision(cfg: DictConfig) -> None:
+    name = cfg.precision.name
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision={name!r} is unknown. Use one of {sorted(PRECISIONS)}.")
+    device = resolve_device(cfg)
+    if name == "fp16" and device == "cpu":
+        raise ConfigError(
+            "precision=fp16 needs a GPU: DeepSpeed's CPU backend does not support fp16 training "
+            "('Type fp16 is not supported on your device'). Use precision=fp32, or precision=bf16 "
+            "on a CPU with bf16 units."
+        )
+    if name == "bf16" and device == "cpu" and not cpu_has_bf16_units():
+        warnings.warn(
+            "precision=bf16 on a CPU without bf16 units: bf16 math is emulated and will be very "
+            "slow (often 10-100x slower than fp32). Use precision=fp32 on this machine.",
+            stacklevel=2,
+        )
+
+
+def cpu_has_bf16_units() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    if cfg.optimizer.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={cfg.optimizer.name!r} is not supported. Use one of {sorted(OPTIMIZERS)}."
+        )
+    if cfg.scheduler.name not in SCHEDULERS:
+        raise ConfigError(
+            f"scheduler.name={cfg.scheduler.name!r} is not supported. Use one of {sorted(SCHEDULERS)}."
+        )
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas needs two values, got {list(cfg.optimizer.betas)}.")
+
+
+def _check_deepspeed_extra(cfg: DictConfig) -> None:
+    removed = REMOVED_DEEPSPEED_KEYS & set(cfg.deepspeed.keys())
+    if removed:
+        raise ConfigError(
+            f"deepspeed.{sorted(removed)[0]} names a feature DeepSpeed 0.19 removed; DeepSpeed would "
+            "refuse the whole config. Delete that key from the `deepspeed` section."
+        )
+
+
+def _check_data_files(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.builder in LOCAL_BUILDERS and not data.files:
+        raise ConfigError(
+            f"data.builder={data.builder} reads local files, but data.files is empty. "
+            "Pass data.files=[/path/a.txt,/path/b.txt]."
+        )
+    for path in data.files:
+        if not Path(path).exists():
+            raise ConfigError(
+                f"Data file {path!r} (data.files) does not exist. Fix the path, or use data=bundled "
+                "for the corpus shipped with bigtrain."
+            )
+    if not Path(data.tokenizer).is_dir():
+        raise ConfigError(
+            f"Tokenizer folder {data.tokenizer!r} (data.tokenizer) does not exist. Point "
+            "data.tokenizer at a local folder saved with tokenizer.save_pretrained()."
+        )
+
+
+def _check_model_and_tokenizer(cfg: DictConfig) -> None:
+    from bigtrain.models import build_model_config, max_positions
+    from bigtrain.data import load_tokenizer
+
+    model_config = build_model_config(cfg.model)
+    limit = max_positions(model_config)
+    if limit is not None and cfg.train.seq_len > limit:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} is longer than model {cfg.model.name} supports "
+            f"({limit} positions). Lower train.seq_len to at most {limit}."
+        )
+    tokenizer_size = len(load_tokenizer(cfg.data.tokenizer))
+    if tokenizer_size > model_config.vocab_size:
+        raise ConfigError(
+            f"The tokenizer at {cfg.data.tokenizer} has {tokenizer_size} tokens but model "
+            f"{cfg.model.name} has only vocab_size={model_config.vocab_size} embeddings; token ids "
+            f"would fall outside the table. Set ++model.hf_config.vocab_size={tokenizer_size} (or "
+            "larger), or use a tokenizer that matches the model."
+        )
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

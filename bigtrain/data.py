@@ -1,0 +1,118 @@
+"""Training data: load text with `datasets`, tokenize, pack into fixed-length blocks, and hand each
+rank its share of every global batch in a seeded order that depends only on the step number."""
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset, load_dataset
+from omegaconf import DictConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from bigtrain.config.errors import ConfigError
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_packed_dataset(data_cfg: DictConfig, seq_len: int) -> Dataset:
+    """Tokenize every document, append EOS, concatenate, and cut into `seq_len`-token blocks
+    (the tail shorter than one block is dropped). Cached by `datasets` between runs."""
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    files = list(data_cfg.files) or None
+    raw = load_dataset(data_cfg.builder, data_files=files, split=data_cfg.split, cache_dir=data_cfg.cache_dir)
+    if data_cfg.text_field not in raw.column_names:
+        raise ConfigError(
+            f"data.text_field={data_cfg.text_field!r} is not a column of the dataset (columns: "
+            f"{raw.column_names}). Set data.text_field to the column holding the text."
+        )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        ids = tokenizer(batch[data_cfg.text_field], add_special_tokens=False)["input_ids"]
+        return {"ids": [doc + eos for doc in ids]}
+
+    def pack(batch):
+        stream = [tok for doc in batch["ids"] for tok in doc]
+        usable = len(stream) - len(stream) % seq_len
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
+    # Large map batches keep the tokens lost at batch boundaries (one partial block each) negligible.
+    packed = tokens.map(pack, batched=True, batch_size=10_000, remove_columns=["ids"], desc="pack")
+    if len(packed) == 0:
+        raise ConfigError(
+            f"The data has fewer than train.seq_len={seq_len} tokens, so not one training sequence "
+            "can be made. Use more data or a smaller train.seq_len."
+        )
+    return packed.with_format("torch")
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Let rank 0 fill the `datasets` cache before the other ranks read it, instead of racing."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if distributed and dist.get_rank() == 0:
+        dist.barrier()
+
+
+@dataclass
+class BatchPlan:
+    """Which packed blocks each rank reads at each step.
+
+    Global batch `step` is the next `global_batch` entries of a per-epoch permutation seeded by
+    (seed, epoch). Rank r's micro-batch m takes a contiguous slice of it. The order depends only on
+    the step, so a resumed run (on any number of ranks) reads exactly what an uninterrupted one would.
+    """
+
+    num_blocks: int
+    micro_batch_size: int
+    grad_accum: int
+    dp_size: int
+    dp_rank: int
+    seed: int
+    _cached_epoch: int = field(default=-1, init=False, repr=False)
+    _cached_order: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_blocks // self.global_batch
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"The dataset has {self.num_blocks} sequences, fewer than one global batch "
+                f"({self.global_batch}). Use more data or lower train.micro_batch_size/grad_accum."
+            )
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        order = self._epoch_order(epoch)
+        start = step_in_epoch * self.global_batch
+        start += (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
+        return order[start : start + self.micro_batch_size].tolist()
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._cached_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached_order = torch.randperm(self.num_blocks, generator=generator)
+            self._cached_epoch = epoch
+        return self._cached_order
+
+
+class BatchLoader:
+    """Micro-batches of token ids for one rank, addressed by (step, micro-batch)."""
+
+    def __init__(self, dataset: Dataset, plan: BatchPlan):
+        self.dataset = dataset
+        self.plan = plan
+
+    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        return self.dataset[self.plan.indices(step, micro)]["input_ids"]

@@ -1,0 +1,58 @@
+"""Process-group setup for every launcher: deepspeed, torchrun, SLURM-style env, or a plain python process."""
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env() -> Ranks:
+    """Rank layout as set by the launcher; one process when no launcher set it."""
+    return Ranks(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def select_accelerator(device: str) -> None:
+    """Make DeepSpeed use the device the config resolved to (it auto-detects otherwise)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(timeout_s: float) -> Ranks:
+    """Join (or, for a lone process, create) the default process group through DeepSpeed.
+
+    DeepSpeed picks the backend from the accelerator: NCCL on GPUs, gloo on the CPU.
+    """
+    ranks = ranks_from_env()
+    if "MASTER_ADDR" not in os.environ:  # a plain `python -m bigtrain.train`
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(ranks.local_rank)
+    return ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

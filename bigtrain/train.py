@@ -1,0 +1,129 @@
+"""bigtrain's entry point: compose -> validate -> build engine -> train -> close.
+
+    python -m bigtrain.train [OVERRIDES]                          one process
+    torchrun --nproc_per_node 2 -m bigtrain.train [OVERRIDES]
+    deepspeed --num_gpus 2 --module bigtrain.train [OVERRIDES]
+"""
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from bigtrain.config import ConfigError, compose
+from bigtrain.config.validate import data_parallel_size, resolve_device, validate
+from bigtrain.distributed import ranks_from_env, select_accelerator
+
+log = logging.getLogger("bigtrain")
+EXIT_CONFIG_ERROR = 2
+
+
+@dataclass
+class TrainResult:
+    final_loss: float | None
+    steps: int
+    run_dir: str
+    checkpoint: str | None
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose(overrides)
+        validate(cfg, ranks_from_env().world_size)
+    except ConfigError as err:
+        print(f"bigtrain: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    run(cfg)
+    return 0
+
+
+def strip_launcher_args(args: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the deepspeed launcher appends; the rank is read from the env."""
+    kept, skip_next = [], False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            kept.append(arg)
+    return kept
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    """Train a composed, validated config in this process (one rank of the job)."""
+    device = resolve_device(cfg)
+    select_accelerator(device)
+
+    # Heavy imports only once the config is known to be good.
+    from bigtrain.checkpoint import Checkpointer
+    from bigtrain.config.deepspeed import to_deepspeed_config
+    from bigtrain.data import BatchLoader, BatchPlan, build_packed_dataset, rank_zero_first
+    from bigtrain.distributed import init_distributed
+    from bigtrain.engine import build_engine
+    from bigtrain.metrics import MetricsWriter, flops_per_token
+    from bigtrain.models import build_model, matmul_parameters
+    from bigtrain.rundir import prepare_run_dir, setup_logging
+    from bigtrain.trainer import Trainer
+    import torch.distributed
+
+    ranks = init_distributed(cfg.fault.collective_timeout_s)
+    ds_config = to_deepspeed_config(cfg, ranks.world_size)
+    run_dir = prepare_run_dir(cfg, ds_config, ranks.is_main)
+    setup_logging(run_dir, ranks.is_main, cfg.logging.deepspeed_level)
+    log.info("run dir %s, %d rank(s) on %s", run_dir, ranks.world_size, device)
+
+    model = build_model(cfg.model, cfg.seed)
+    flops = flops_per_token(
+        matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.train.seq_len
+    )
+    log.info("model %s: %.1fM parameters", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6)
+    with rank_zero_first():
+        dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
+
+    engine = build_engine(model, ds_config, cfg)
+    dp_size = data_parallel_size(cfg, ranks.world_size)
+    plan = BatchPlan(
+        num_blocks=len(dataset),
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
+        dp_size=dp_size,
+        dp_rank=ranks.rank,
+        seed=cfg.seed,
+    )
+    checkpointer = Checkpointer(cfg, engine, ranks.is_main)
+    metrics = (
+        MetricsWriter(str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress)
+        if ranks.is_main
+        else None
+    )
+    trainer = Trainer(
+        engine,
+        BatchLoader(dataset, plan),
+        checkpointer,
+        metrics,
+        max_steps=cfg.train.max_steps,
+        log_interval=cfg.logging.interval,
+        tokens_per_step=plan.global_batch * cfg.train.seq_len,
+        flops_per_token=flops,
+        device=device,
+    )
+
+    start_step = checkpointer.resume()
+    if start_step >= cfg.train.max_steps:
+        log.info("run already complete at step %d (train.max_steps=%d)", start_step, cfg.train.max_steps)
+    final_loss = trainer.train(start_step)
+
+    if metrics is not None:
+        metrics.close()
+    log.info("done: %d steps, final loss %s", cfg.train.max_steps, final_loss)
+    result = TrainResult(final_loss, cfg.train.max_steps, str(run_dir), str(checkpointer.latest()))
+    engine.destroy()
+    torch.distributed.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
