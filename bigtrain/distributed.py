@@ -27,9 +27,17 @@ def ranks_from_env() -> Ranks:
 
 
 def select_accelerator(device: str) -> None:
-    """Make DeepSpeed use the device the config resolved to (it auto-detects otherwise)."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Make DeepSpeed use the device the config resolved to (it auto-detects otherwise), and on the
+    CPU give each local rank its share of the cores: the deepspeed launcher leaves every rank using
+    all of them, and ranks fighting over cores run slower than one rank per core."""
+    if device != "cpu":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def init_distributed(timeout_s: float) -> Ranks:

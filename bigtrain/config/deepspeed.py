@@ -72,8 +72,9 @@ def _optimizer(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
         "eps": opt.eps,
         "weight_decay": opt.weight_decay,
     }
-    if not on_gpu:
+    if not on_gpu and cfg.offload.optimizer == "none":
         # DeepSpeed's FusedAdam is a GPU kernel; on the CPU torch's own AdamW is the fast path.
+        # With optimizer offload DeepSpeed picks its vectorised DeepSpeedCPUAdam, which is better.
         params["torch_adam"] = True
     return {"type": "AdamW" if opt.name == "adamw" else "Adam", "params": params}
 

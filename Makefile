@@ -1,0 +1,44 @@
+# bigtrain: `make train` sets up .venv and runs the default job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only machine gets the CPU build of torch when no local wheel is configured for pip.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+# Ranks of the default job: every GPU, or 2 CPU ranks.
+NPROC ?= $(if $(filter 0,$(GPUS)),2,$(GPUS))
+RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup train test clean
+
+setup: $(VENV)/.bigtrain-setup
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# A plain `torch` requirement pulls the multi-GB CUDA build; CPU-only machines take the CPU
+	@# build: from a local wheelhouse pip already knows, else from PyTorch's CPU index.
+	if [ "$(GPUS)" != "0" ]; then \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
+	elif $(PIP) install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		$(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	fi
+	touch $@
+
+$(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[test]"
+	$(PY) -m bigtrain.prebuild
+	touch $@
+
+train: setup
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module bigtrain.train run_dir=$(RUN_DIR) $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,51 @@
+"""Shared helpers: launch real bigtrain runs (one or more ranks) and read what they wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Small, fast runs: 10 logged steps of the tiny model.
+FAST = ["train.max_steps=10", "logging.interval=1", "scheduler.warmup_steps=2", "train.micro_batch_size=4", "train.seq_len=64"]
+
+
+def launcher_command(launcher: str, nproc: int, overrides: list[str]) -> list[str]:
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, "-m", "bigtrain.train", *overrides]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                "-m", "bigtrain.train", *overrides]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+                "--module", "bigtrain.train", *overrides]
+    raise ValueError(launcher)
+
+
+def run_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, timeout: float = 300):
+    """Run bigtrain under a real launcher in `cwd`; fail the test with its output if it fails."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        launcher_command(launcher, nproc, overrides), cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
