@@ -2,6 +2,7 @@
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +55,11 @@ def init_distributed(timeout_s: float) -> Ranks:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed 0.19 still calls these torch collectives by their deprecated names, once per step.
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+        category=FutureWarning,
+    )
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(ranks.local_rank)

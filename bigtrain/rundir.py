@@ -34,6 +34,10 @@ def setup_logging(run_dir: Path | None, is_main: bool, deepspeed_level: str) -> 
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
+    if not is_main:  # one set of progress bars per run, not one per rank
+        import datasets
+
+        datasets.disable_progress_bars()
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(getattr(logging, deepspeed_level.upper()))

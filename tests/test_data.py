@@ -1,0 +1,66 @@
+"""The bundled corpus packs into fixed blocks, and the batch plan hands every rank its share of
+the same global batches, whatever the number of ranks."""
+
+import pytest
+import torch
+
+from bigtrain.config import ConfigError, compose
+from bigtrain.data import BatchPlan, build_packed_dataset, load_tokenizer
+
+
+def plan(dp_size, dp_rank, micro=4, accum=1, blocks=100, seed=7):
+    return BatchPlan(num_blocks=blocks, micro_batch_size=micro, grad_accum=accum,
+                     dp_size=dp_size, dp_rank=dp_rank, seed=seed)
+
+
+@pytest.mark.parametrize("dp_size,accum", [(2, 1), (2, 3), (4, 2)])
+def test_ranks_together_read_the_single_rank_global_batch(dp_size, accum):
+    single = plan(1, 0, micro=4 * dp_size, accum=accum)
+    for step in (0, 1, 5, 11):  # 11 crosses an epoch boundary
+        expected = sorted(i for m in range(accum) for i in single.indices(step, m))
+        shards = [plan(dp_size, r, accum=accum).indices(step, m) for r in range(dp_size) for m in range(accum)]
+        got = sorted(i for shard in shards for i in shard)
+        assert got == expected
+        assert len(set(got)) == len(got), "no block twice within a global batch"
+
+
+def test_order_is_seeded_and_changes_each_epoch():
+    a, b, c = plan(2, 0), plan(2, 0), plan(2, 0, seed=8)
+    assert a.indices(3, 0) == b.indices(3, 0)
+    assert a.indices(3, 0) != c.indices(3, 0)
+    per_epoch = a.steps_per_epoch
+    assert a.indices(0, 0) != a.indices(per_epoch, 0)
+
+
+def test_a_dataset_smaller_than_one_global_batch_is_refused():
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        plan(2, 0, micro=64, blocks=100).indices(0, 0)
+
+
+def test_bundled_corpus_packs_into_seq_len_blocks_of_real_tokens():
+    cfg = compose(["train.seq_len=64"])
+    dataset = build_packed_dataset(cfg.data, 64)
+    assert len(dataset) > 5000  # about half a million tokens
+    block = dataset[0]["input_ids"]
+    assert block.shape == (64,) and block.dtype == torch.int64
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    assert int(dataset[:200]["input_ids"].max()) < len(tokenizer)
+    text = tokenizer.decode(block)
+    assert sum(ch.isalpha() for ch in text) > 0.5 * len(text)
+
+
+def test_text_field_missing_from_data_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"body": "hello"}\n')
+    cfg = compose(["data=hf", "data.builder=json", f"data.files=[{path}]", "data.text_field=text",
+                   f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=r"data.text_field='text' is not a column .*\['body'\]"):
+        build_packed_dataset(cfg.data, 8)
+
+
+def test_local_text_files_through_hf_group(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("\n".join(f"line number {i} of a plain text file" for i in range(200)))
+    cfg = compose(["data=hf", f"data.files=[{path}]", f"data.cache_dir={tmp_path / 'cache'}"])
+    dataset = build_packed_dataset(cfg.data, 16)
+    assert len(dataset) > 50
