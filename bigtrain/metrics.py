@@ -34,20 +34,33 @@ class MetricsWriter:
         self.print_steps = print_steps
         self._file = self.path.open("a")
 
+    def drop_after(self, step: int) -> None:
+        """Forget records past `step`: a resumed run trains those steps again and logs them anew."""
+        self._file.close()
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.monitor is not None and self.monitor.enabled:
             step = record["step"]
             self.monitor.write_events(
-                [(f"train/{k}", v, step) for k, v in record.items() if k != "step" and v is not None]
+                [
+                    (f"train/{k}", v, step)
+                    for k, v in record.items()
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                ]
             )
         if self.print_steps:
             print(self.format_line(record), file=sys.stdout, flush=True)
 
     def format_line(self, r: dict) -> str:
+        loss = "skipped (non-finite)" if r["skipped"] else f"loss {r['loss']:.4f}"
         return (
-            f"step {r['step']:>6}/{self.max_steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
+            f"step {r['step']:>6}/{self.max_steps}  {loss}  lr {r['lr']:.2e}  "
             f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1000:.0f} ms/step  "
             f"{r['tflops']:.3f} TFLOP/s  {r['mem_gb']:.2f} GB"
         )

@@ -11,13 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("bigtrain")
 
 
-def prepare_run_dir(cfg: DictConfig, ds_config: dict, is_main: bool) -> Path:
+def prepare_run_dir(cfg: DictConfig, is_main: bool) -> Path:
     run_dir = Path(cfg.run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     return run_dir
+
+
+def write_ds_config(run_dir: Path, ds_config: dict, is_main: bool) -> None:
+    if is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
 def setup_logging(run_dir: Path | None, is_main: bool, deepspeed_level: str) -> None:

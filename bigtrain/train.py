@@ -3,6 +3,9 @@
     python -m bigtrain.train [OVERRIDES]                          one process
     torchrun --nproc_per_node 2 -m bigtrain.train [OVERRIDES]
     deepspeed --num_gpus 2 --module bigtrain.train [OVERRIDES]
+
+Exit codes: 0 done; 2 bad config (nothing started); 3 stopped on repeated non-finite steps;
+75 stopped by SIGTERM/SIGINT after saving a checkpoint (relaunch to resume); other: a crash.
 """
 
 import logging
@@ -25,6 +28,7 @@ class TrainResult:
     steps: int
     run_dir: str
     checkpoint: str | None
+    exit_code: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"bigtrain: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    run(cfg)
-    return 0
+    return run(cfg).exit_code
 
 
 def strip_launcher_args(args: list[str]) -> list[str]:
@@ -58,22 +61,35 @@ def run(cfg: DictConfig) -> TrainResult:
     select_accelerator(device)
 
     # Heavy imports only once the config is known to be good.
-    from bigtrain.checkpoint import Checkpointer
+    import torch.distributed
+
+    from bigtrain.checkpoint import CheckpointError, Checkpointer
     from bigtrain.config.deepspeed import to_deepspeed_config
     from bigtrain.data import BatchLoader, BatchPlan, build_packed_dataset, rank_zero_first
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import build_engine
     from bigtrain.metrics import MetricsWriter, flops_per_token
     from bigtrain.models import build_model, matmul_parameters
-    from bigtrain.rundir import prepare_run_dir, setup_logging
-    from bigtrain.trainer import Trainer
-    import torch.distributed
+    from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
+    from bigtrain.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Trainer
 
     ranks = init_distributed(cfg.fault.collective_timeout_s)
-    ds_config = to_deepspeed_config(cfg, ranks.world_size)
-    run_dir = prepare_run_dir(cfg, ds_config, ranks.is_main)
+    dp_size = data_parallel_size(cfg, ranks.world_size)
+    run_dir = prepare_run_dir(cfg, ranks.is_main)
     setup_logging(run_dir, ranks.is_main, cfg.logging.deepspeed_level)
     log.info("run dir %s, %d rank(s) on %s", run_dir, ranks.world_size, device)
+
+    checkpointer = Checkpointer(cfg, ranks.rank, ranks.world_size, dp_size)
+    try:
+        resume = checkpointer.find_resume_point()
+    except (ConfigError, CheckpointError) as err:
+        log.error("%s", err)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    ds_config = to_deepspeed_config(cfg, ranks.world_size)
+    if resume is not None and resume.universal_path:
+        ds_config["checkpoint"] = {"load_universal": True}
+    write_ds_config(run_dir, ds_config, ranks.is_main)
 
     model = build_model(cfg.model, cfg.seed)
     flops = flops_per_token(
@@ -84,21 +100,25 @@ def run(cfg: DictConfig) -> TrainResult:
         dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
 
     engine = build_engine(model, ds_config, cfg)
-    dp_size = data_parallel_size(cfg, ranks.world_size)
+    checkpointer.attach(engine)
+    start_step, samples_seen = 0, 0
+    if resume is not None:
+        client_state = checkpointer.load(resume)
+        start_step, samples_seen = client_state["step"], client_state["samples_seen"]
     plan = BatchPlan(
         num_blocks=len(dataset),
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum,
         dp_size=dp_size,
-        dp_rank=ranks.rank,
+        dp_rank=ranks.rank // (ranks.world_size // dp_size),
         seed=cfg.seed,
+        start_step=start_step,
+        start_sample=samples_seen,
     )
-    checkpointer = Checkpointer(cfg, engine, ranks.is_main)
-    metrics = (
-        MetricsWriter(str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress)
-        if ranks.is_main
-        else None
-    )
+    metrics = None
+    if ranks.is_main:
+        metrics = MetricsWriter(str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress)
+        metrics.drop_after(start_step)  # steps logged after the checkpoint will be trained again
     trainer = Trainer(
         engine,
         BatchLoader(dataset, plan),
@@ -106,20 +126,38 @@ def run(cfg: DictConfig) -> TrainResult:
         metrics,
         max_steps=cfg.train.max_steps,
         log_interval=cfg.logging.interval,
-        tokens_per_step=plan.global_batch * cfg.train.seq_len,
+        seq_len=cfg.train.seq_len,
         flops_per_token=flops,
         device=device,
+        max_nonfinite_steps=cfg.fault.max_nonfinite_steps,
+        inject_nan_steps=list(cfg.fault.inject_nan_steps),
     )
 
-    start_step = checkpointer.resume()
     if start_step >= cfg.train.max_steps:
         log.info("run already complete at step %d (train.max_steps=%d)", start_step, cfg.train.max_steps)
-    final_loss = trainer.train(start_step)
+    exit_code = 0
+    try:
+        outcome = trainer.train(start_step)
+        if outcome.preempted:
+            exit_code = EXIT_PREEMPTED
+        else:
+            log.info("done: %d steps, final loss %s", outcome.completed_steps, outcome.final_loss)
+    except NonFiniteError as err:
+        log.error("%s", err)
+        outcome, exit_code = None, EXIT_NONFINITE
+    except CheckpointError as err:
+        log.error("%s", err)
+        raise
 
     if metrics is not None:
         metrics.close()
-    log.info("done: %d steps, final loss %s", cfg.train.max_steps, final_loss)
-    result = TrainResult(final_loss, cfg.train.max_steps, str(run_dir), str(checkpointer.latest()))
+    result = TrainResult(
+        final_loss=outcome.final_loss if outcome else None,
+        steps=outcome.completed_steps if outcome else start_step,
+        run_dir=str(run_dir),
+        checkpoint=str(checkpointer.latest()) if checkpointer.latest() else None,
+        exit_code=exit_code,
+    )
     engine.destroy()
     torch.distributed.destroy_process_group()
     return result

@@ -1,7 +1,12 @@
-"""The training loop: micro-batches through the DeepSpeed engine, metrics, checkpoints."""
+"""The training loop: micro-batches through the DeepSpeed engine, a guard against non-finite
+losses, preemption on SIGTERM/SIGINT, metrics and checkpoints."""
 
 import logging
+import math
+import os
+import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -12,6 +17,46 @@ from bigtrain.data import BatchLoader
 from bigtrain.metrics import MetricsWriter, peak_memory_gb
 
 log = logging.getLogger("bigtrain")
+
+# Exit codes a launcher or restart wrapper can act on (see README "Exit codes").
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last checkpoint is intact
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a signal asked us to stop; a checkpoint was saved, relaunch resumes
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values it could not skip past."""
+
+
+@dataclass
+class TrainOutcome:
+    completed_steps: int
+    final_loss: float | None
+    preempted: bool = False
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: ask the loop to stop after the current step (and save). Second: exit now."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        log.warning("received %s: finishing this step, saving a checkpoint, then exiting "
+                    "(send it again to exit at once)", signal.Signals(signum).name)
 
 
 class Trainer:
@@ -24,9 +69,11 @@ class Trainer:
         *,
         max_steps: int,
         log_interval: int,
-        tokens_per_step: int,
+        seq_len: int,
         flops_per_token: float,
         device: str,
+        max_nonfinite_steps: int,
+        inject_nan_steps: list[int],
     ):
         self.engine = engine
         self.loader = loader
@@ -34,60 +81,138 @@ class Trainer:
         self.metrics = metrics
         self.max_steps = max_steps
         self.log_interval = log_interval
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = loader.plan.global_batch * seq_len
         self.flops_per_token = flops_per_token
         self.device = device
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.inject_nan_steps = set(inject_nan_steps)
         self.grad_accum = engine.gradient_accumulation_steps()
+        self.stop_signal = StopSignal()
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._device_flag = torch.zeros(2, device=engine.device)
 
-    def train(self, start_step: int) -> float | None:
-        """Train from `start_step` completed steps to max_steps; return the last logged loss."""
+    def train(self, start_step: int) -> TrainOutcome:
+        """Train from `start_step` completed steps to max_steps."""
+        self.stop_signal.install()
+        try:
+            return self._train(start_step)
+        finally:
+            self.stop_signal.uninstall()
+
+    def _train(self, start_step: int) -> TrainOutcome:
         last_loss = None
         window_start, window_steps = time.perf_counter(), 0
+        completed = start_step
         for step in range(start_step, self.max_steps):
             lr = self.engine.get_lr()[0]
-            loss = self.train_step(step)
+            loss, skipped = self.train_step(step)
             completed = step + 1
             window_steps += 1
-            if self._should_log(completed, start_step):
+            self._guard(completed, skipped)
+            stop_requested = self._any_rank_signalled()
+            if self._should_log(completed, start_step) or stop_requested:
                 get_accelerator().synchronize()
                 elapsed = time.perf_counter() - window_start
-                last_loss = self._log(completed, loss, lr, elapsed / window_steps)
+                last_loss = self._log(completed, loss, lr, elapsed / window_steps, skipped)
                 window_start, window_steps = time.perf_counter(), 0
+            if stop_requested:
+                self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
+                log.warning("stopped at step %d on a signal; relaunch the same command to resume", completed)
+                return TrainOutcome(completed, last_loss, preempted=True)
             if self.checkpointer.due(completed) and completed < self.max_steps:
-                self.checkpointer.save(completed)
+                self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
         if start_step < self.max_steps:
-            self.checkpointer.save(self.max_steps)
-        return last_loss
+            self.checkpointer.save(self.max_steps, self.loader.plan.samples_before(self.max_steps))
+        return TrainOutcome(completed, last_loss)
 
-    def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss."""
+    def train_step(self, step: int) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over grad_accum micro-batches.
+
+        Returns this rank's mean loss and whether the update was skipped. Each micro-batch's loss is
+        checked on all ranks before its backward pass: a NaN/Inf there would poison the gradients
+        of every rank. A step whose first micro-batch is non-finite is skipped whole (no backward,
+        no optimizer step, weights unchanged); a later non-finite micro-batch is left out of the
+        step's gradient.
+        """
         total = torch.zeros((), device=self.engine.device)
+        skipped = False
         for micro in range(self.grad_accum):
             input_ids = self.loader.micro_batch(step, micro).to(self.engine.device)
             loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            if step + 1 in self.inject_nan_steps and dist.get_rank() == 0:
+                loss = loss * float("nan")
+            if not self._finite_on_all_ranks(loss):
+                if micro == 0:
+                    return loss.detach(), True
+                skipped = True
+                self.engine.step()  # keeps DeepSpeed's micro-step count in line with ours
+                continue
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        return total / self.grad_accum
+        # DeepSpeed itself skips a ZeRO step whose gradient norm is not finite.
+        skipped = skipped or not self.engine.was_step_applied()
+        return total / self.grad_accum, skipped
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        flag = self._device_flag[:1]
+        flag.fill_(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+        dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def _any_rank_signalled(self) -> bool:
+        """All ranks agree on stopping, whichever rank the signal reached."""
+        flag = self._device_flag[1:]
+        flag.fill_(1.0 if self.stop_signal.received is not None else 0.0)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def _guard(self, completed: int, skipped: bool) -> None:
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            log.warning("step %d skipped: non-finite loss or gradient norm (%d in a row)",
+                        completed, self.consecutive_skips)
+            if self.consecutive_skips >= self.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.consecutive_skips} consecutive steps (up to step {completed}) had a "
+                    "non-finite loss or gradient norm, so training stopped without saving; the last "
+                    f"checkpoint ({self.checkpointer.latest()}) is intact. Lower optimizer.lr, check "
+                    "the data, or raise fault.max_nonfinite_steps."
+                )
+            return
+        self.consecutive_skips = 0
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # ZeRO-0/3 in fp32/bf16 apply such a step; the weights can no longer be trusted.
+            raise NonFiniteError(
+                f"Step {completed} had a non-finite gradient norm and its update was applied, so "
+                "the weights are not trustworthy; training stopped without saving. The last "
+                f"checkpoint ({self.checkpointer.latest()}) is intact: relaunch to resume from it, "
+                "with a lower optimizer.lr or optimizer.grad_clip."
+            )
 
     def _should_log(self, completed: int, start_step: int) -> bool:
         return completed % self.log_interval == 0 or completed in (start_step + 1, self.max_steps)
 
-    def _log(self, completed: int, loss: torch.Tensor, lr: float, step_time: float) -> float:
+    def _log(self, completed: int, loss: torch.Tensor, lr: float, step_time: float, skipped: bool) -> float:
         # Every rank joins the reduction; only rank 0 writes.
-        mean_loss = loss.clone()
+        mean_loss = loss.detach().float().clone()
         dist.all_reduce(mean_loss)
         mean_loss = mean_loss.item() / dist.get_world_size()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if skipped else self.engine.get_global_grad_norm()
         record = {
             "step": completed,
-            "loss": mean_loss,
+            "loss": mean_loss if math.isfinite(mean_loss) else None,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": self.tokens_per_step / step_time,
             "step_time_s": step_time,
             "tflops": self.flops_per_token * self.tokens_per_step / step_time / 1e12,
             "mem_gb": peak_memory_gb(self.device),
+            "skipped": skipped,
+            "skipped_steps": self.skipped_steps,
         }
         if self.metrics is not None:
             self.metrics.write(record)

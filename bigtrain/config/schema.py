@@ -125,7 +125,10 @@ class CheckpointConfig:
     keep: int = 3
     """Keep this many newest checkpoints."""
     resume: str = "auto"
-    """auto (newest checkpoint in the checkpoint folder, else start fresh), never, or a checkpoint path."""
+    """auto (newest valid checkpoint in the checkpoint folder, else start fresh), never, or the path
+    of one step_* checkpoint folder."""
+    verify_checksums: bool = True
+    """On resume, check every file's SHA-256 against the manifest (sizes are always checked)."""
 
 
 @dataclass
@@ -145,6 +148,10 @@ class FaultConfig:
     collective_timeout_s: float = 600.0
     """Longest a collective may block before the process group gives up; bounds how long a crashed
     peer can stall the others (gloo's own default is 30 minutes)."""
+    max_nonfinite_steps: int = 5
+    """Stop the run after this many consecutive steps skipped for a NaN/Inf loss or gradient norm."""
+    inject_nan_steps: List[int] = field(default_factory=list)
+    """Testing aid: make rank 0's loss NaN at these steps (1-based), to exercise the guard."""
 
 
 @dataclass
