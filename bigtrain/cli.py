@@ -1,6 +1,7 @@
-"""The `bigtrain` command: inspect and check a configuration without starting a run.
+"""The `bigtrain` command: check a configuration, export a trained model.
 
     bigtrain config [--world-size N] [--show yaml|deepspeed] [OVERRIDES...]
+    bigtrain export RUN_DIR OUT_DIR [--checkpoint PATH]
 """
 
 import argparse
@@ -28,8 +29,31 @@ def main(argv: list[str] | None = None) -> int:
         help="print the derived DeepSpeed config (default) or the composed bigtrain config",
     )
     config.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. zero=stage3 train.max_steps=50")
+    exporter = commands.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face model folder (any ZeRO stage)"
+    )
+    exporter.add_argument("run_dir", help="the run's folder (holds config.yaml and checkpoints/)")
+    exporter.add_argument("out_dir", help="folder to write config.json, model.safetensors, tokenizer")
+    exporter.add_argument("--checkpoint", help="a step_* folder (default: the newest valid checkpoint)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_command(args)
     return config_command(args)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    import logging
+
+    from bigtrain.export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export(args.run_dir, args.out_dir, args.checkpoint)
+    except ConfigError as err:
+        print(f"bigtrain: export error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
 
 
 def config_command(args: argparse.Namespace) -> int:

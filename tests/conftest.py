@@ -49,3 +49,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, log_path: Path):
+    """Start a run in the background (output to `log_path`); returns the Popen."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
+    log = open(log_path, "w")
+    return subprocess.Popen(launcher_command(launcher, nproc, overrides), cwd=cwd, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
+    """Block until metrics.jsonl shows `step` (or the process ended, or time ran out)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (code {proc.returncode}) before step {step}")
+        time.sleep(0.2)
+    pytest.fail(f"run did not reach step {step} in {timeout} s")
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the `bigtrain.train` rank processes under a launcher."""
+    import psutil
+
+    children = psutil.Process(launcher_pid).children(recursive=True)
+    return sorted(p.pid for p in children if "bigtrain.train" in " ".join(p.cmdline()))

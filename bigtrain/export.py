@@ -1,0 +1,74 @@
+"""Export a checkpoint of a run as a plain Hugging Face model folder (config, safetensors, tokenizer)."""
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from bigtrain.checkpoint import checkpoint_dir, find_problem, newest_valid, read_manifest
+from bigtrain.config.errors import ConfigError
+from bigtrain.data import load_tokenizer
+from bigtrain.models import build_model_config
+
+log = logging.getLogger("bigtrain")
+
+
+def export(run_dir: str, out_dir: str, checkpoint: str | None = None) -> Path:
+    """Write the weights of `checkpoint` (default: the run's newest valid one) to `out_dir`.
+
+    Whatever the ZeRO stage, the fp32 master weights are gathered from the shards on disk; no
+    process group or GPU is needed.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a bigtrain run dir (no config.yaml). Pass the run_dir of a run.")
+    cfg = OmegaConf.load(run / "config.yaml")
+    tag_dir = _pick_checkpoint(cfg, checkpoint)
+    state_dict = fp32_state_dict(tag_dir)
+
+    model = AutoModelForCausalLM.from_config(build_model_config(cfg.model), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if set(missing) - tied or unexpected:
+        raise ConfigError(
+            f"The checkpoint {tag_dir} does not fit model {cfg.model.name}: missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(cfg.data.tokenizer).save_pretrained(out)
+    log.info("exported %s (step %d) to %s", tag_dir, read_manifest(tag_dir)["step"], out)
+    return out
+
+
+def _pick_checkpoint(cfg, checkpoint: str | None) -> Path:
+    if checkpoint:
+        tag_dir = Path(checkpoint)
+        problem = find_problem(tag_dir) if tag_dir.is_dir() else "not a folder"
+        if problem:
+            raise ConfigError(f"Cannot export {checkpoint}: {problem}.")
+        return tag_dir
+    tag_dir, warnings = newest_valid(checkpoint_dir(cfg))
+    for warning in warnings:
+        log.warning("%s; exporting an earlier checkpoint", warning)
+    if tag_dir is None:
+        raise ConfigError(f"No valid checkpoint in {checkpoint_dir(cfg)} to export.")
+    return tag_dir
+
+
+def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint folder of any ZeRO stage."""
+    if read_manifest(tag_dir)["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def _is_tied(model, name: str) -> bool:
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    return tied and name.endswith("lm_head.weight")

@@ -1,0 +1,99 @@
+"""Damaged or incomplete checkpoints are detected at resume, named in a warning, and skipped in
+favour of the previous valid one; keep-last-K never deletes the only valid checkpoint."""
+
+import shutil
+
+import pytest
+
+from bigtrain.checkpoint import MANIFEST, find_problem, newest_valid, read_manifest
+from conftest import FAST, read_metrics, run_bigtrain
+
+OVERRIDES = [*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=3", "zero=stage2"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 2-rank run with checkpoints at steps 1, 2 and 3."""
+    cwd = tmp_path_factory.mktemp("damage")
+    run_dir = cwd / "run"
+    run_bigtrain("torchrun", 2, [*OVERRIDES, f"run_dir={run_dir}"], cwd=cwd)
+    return run_dir
+
+
+@pytest.fixture
+def checkpoints(saved_run, tmp_path):
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(saved_run / "checkpoints", copy)
+    return copy
+
+
+def test_saved_checkpoints_are_sealed_with_a_manifest(saved_run):
+    ckpt = saved_run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000003"
+    for step in (1, 2, 3):
+        tag = ckpt / f"step_{step:08d}"
+        assert find_problem(tag) is None
+        manifest = read_manifest(tag)
+        assert manifest["step"] == step and manifest["world_size"] == 2 and manifest["zero_stage"] == 2
+        names = set(manifest["files"])
+        assert {"rng_rank_00000.pt", "rng_rank_00001.pt", "mp_rank_00_model_states.pt"} <= names
+        assert sum("optim_states" in n for n in names) == 2  # one ZeRO shard per rank
+
+
+def shard(tag_dir):
+    return next(p for p in sorted(tag_dir.iterdir()) if "optim_states" in p.name)
+
+
+def truncate(tag_dir):
+    path = shard(tag_dir)
+    path.write_bytes(path.read_bytes()[:100])
+    return path.name
+
+
+def delete(tag_dir):
+    path = shard(tag_dir)
+    path.unlink()
+    return path.name
+
+
+def drop_manifest(tag_dir):
+    (tag_dir / MANIFEST).unlink()
+    return MANIFEST
+
+
+def flip_a_byte(tag_dir):
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path.name
+
+
+@pytest.mark.parametrize("damage", [truncate, delete, drop_manifest, flip_a_byte])
+def test_damaged_newest_falls_back_to_previous(checkpoints, damage):
+    bad_file = damage(checkpoints / "step_00000003")
+    chosen, warnings = newest_valid(checkpoints)
+    assert chosen.name == "step_00000002"
+    assert len(warnings) == 1 and bad_file in warnings[0] and "step_00000003" in warnings[0]
+
+
+def test_half_written_newest_is_skipped(checkpoints):
+    partial = checkpoints / "step_00000004"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1000)
+    chosen, warnings = newest_valid(checkpoints)
+    assert chosen.name == "step_00000003"
+    assert "step_00000004" in warnings[0] and MANIFEST in warnings[0]
+
+
+@pytest.mark.multiprocess
+def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    bad_file = truncate(run_dir / "checkpoints" / "step_00000003")
+    run_bigtrain("torchrun", 2, [*OVERRIDES, "train.max_steps=4", f"run_dir={run_dir}"], cwd=tmp_path)
+    log = (run_dir / "train.log").read_text()
+    assert "step_00000003 is damaged" in log and bad_file in log
+    assert "resumed from" in log and "at step 2" in log
+    assert [m["step"] for m in read_metrics(run_dir)][-2:] == [3, 4]
+    assert find_problem(run_dir / "checkpoints" / "step_00000004") is None
