@@ -120,7 +120,10 @@ class Trainer:
                 self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
                 log.warning("stopped at step %d on a signal; relaunch the same command to resume", completed)
                 return TrainOutcome(completed, last_loss, preempted=True)
-            if self.checkpointer.due(completed) and completed < self.max_steps:
+            # No periodic save in the middle of a run of skipped steps: if it ends in a stop, the
+            # newest checkpoint should be the last one taken while training was healthy.
+            healthy = self.consecutive_skips == 0
+            if self.checkpointer.due(completed) and completed < self.max_steps and healthy:
                 self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
         if start_step < self.max_steps:
             self.checkpointer.save(self.max_steps, self.loader.plan.samples_before(self.max_steps))

@@ -1,0 +1,40 @@
+"""Logits of a run's checkpoint computed by a real DeepSpeed engine (run under torchrun).
+
+    torchrun --nproc_per_node N tests/engine_logits.py RUN_DIR OUT.pt
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bigtrain.checkpoint import Checkpointer
+from bigtrain.config.deepspeed import to_deepspeed_config
+from bigtrain.distributed import init_distributed, select_accelerator
+from bigtrain.engine import build_engine
+from bigtrain.models import build_model
+
+
+def fixed_batch(vocab_size: int) -> torch.Tensor:
+    return (torch.arange(2 * 24).reshape(2, 24) * 37) % vocab_size
+
+
+def main(run_dir: str, out: str) -> None:
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    select_accelerator("cpu")
+    ranks = init_distributed(120)
+    engine = build_engine(build_model(cfg.model, seed=0), to_deepspeed_config(cfg, ranks.world_size), cfg)
+    checkpointer = Checkpointer(cfg, ranks.rank, ranks.world_size, ranks.world_size)
+    checkpointer.attach(engine)
+    checkpointer.load(checkpointer.find_resume_point())
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=fixed_batch(engine.module.config.vocab_size)).logits
+    if ranks.is_main:
+        torch.save(logits, out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
