@@ -191,12 +191,16 @@ class Checkpointer:
             log.info("saved checkpoint %s", tag_dir)
         return tag_dir
 
-    @staticmethod
-    def _attempt(action) -> str | None:
+    def _attempt(self, action) -> str | None:
+        # torch.save reports a full disk as a RuntimeError from its zip writer, not an OSError.
         try:
             action()
-        except OSError as err:
-            return f"{type(err).__name__}: {err}"
+        except (OSError, RuntimeError) as err:
+            detail = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+            free = _free_bytes(self.dir)
+            if free is not None and free < 64 * 2**20:
+                detail = f"the disk holding it is full ({free / 2**20:.0f} MB free; {detail})"
+            return detail
         return None
 
     def _all_ranks_ok(self, error: str | None) -> bool:
@@ -244,6 +248,7 @@ class Checkpointer:
         decision = [None]
         if self.is_main:
             try:
+                self._check_writable()
                 decision[0] = self._choose()
             except (ConfigError, CheckpointError) as err:
                 decision[0] = err
@@ -251,6 +256,19 @@ class Checkpointer:
         if isinstance(decision[0], Exception):
             raise decision[0]
         return decision[0]
+
+    def _check_writable(self) -> None:
+        """Fail at start-up, not at the first save hours later, if checkpoints cannot be written."""
+        probe = self.dir / ".write_probe"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"checkpoint.dir {self.dir} is not writable ({type(err).__name__}: {err}). Point "
+                "checkpoint.dir at a folder this job can create and write."
+            ) from None
 
     def _choose(self) -> ResumePoint | None:
         if self.resume_from == "never":
@@ -361,6 +379,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

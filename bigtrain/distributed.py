@@ -60,10 +60,23 @@ def init_distributed(timeout_s: float) -> Ranks:
         "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
         category=FutureWarning,
     )
+    bound_group_timeouts(timedelta(seconds=timeout_s))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(ranks.local_rank)
     return ranks
+
+
+def bound_group_timeouts(timeout: timedelta) -> None:
+    """Give every process group created from now on `timeout`, not torch's default.
+
+    DeepSpeed creates its data-parallel (and other) groups without a timeout, so on gloo they wait
+    30 minutes for a dead or stopped peer whatever timeout the default group was given. torch reads
+    the default for new groups from this one function, so replacing it bounds them all.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d._get_default_timeout = lambda backend: timeout
 
 
 def _free_port() -> int:

@@ -5,10 +5,13 @@
     deepspeed --num_gpus 2 --module bigtrain.train [OVERRIDES]
 
 Exit codes: 0 done; 2 bad config (nothing started); 3 stopped on repeated non-finite steps;
-75 stopped by SIGTERM/SIGINT after saving a checkpoint (relaunch to resume); other: a crash.
+4 a checkpoint could not be saved (the previous one is intact); 75 stopped by SIGTERM/SIGINT after
+saving a checkpoint (relaunch to resume); 5 another rank died or stopped answering; 124 a hang was
+detected (see run_dir/hang_report.txt); other: a crash.
 """
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -71,21 +74,30 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.metrics import MetricsWriter, flops_per_token
     from bigtrain.models import build_model, matmul_parameters
     from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
-    from bigtrain.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Trainer
+    from bigtrain.trainer import (
+        EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED, NonFiniteError, Trainer,
+    )
+    from bigtrain.watchdog import Watchdog
 
     ranks = init_distributed(cfg.fault.collective_timeout_s)
     dp_size = data_parallel_size(cfg, ranks.world_size)
     run_dir = prepare_run_dir(cfg, ranks.is_main)
     setup_logging(run_dir, ranks.is_main, cfg.logging.deepspeed_level)
     log.info("run dir %s, %d rank(s) on %s", run_dir, ranks.world_size, device)
+    watchdog = None
+    if cfg.fault.hang_timeout_s > 0:
+        watchdog = Watchdog(run_dir, ranks.rank, ranks.world_size, cfg.fault.hang_timeout_s)
+        watchdog.start()
 
     checkpointer = Checkpointer(cfg, ranks.rank, ranks.world_size, dp_size)
     try:
+        _phase(watchdog, "loading checkpoint")
         resume = checkpointer.find_resume_point()
     except (ConfigError, CheckpointError) as err:
         log.error("%s", err)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
+    _phase(watchdog, "starting")
     ds_config = to_deepspeed_config(cfg, ranks.world_size)
     if resume is not None and resume.universal_path:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -96,13 +108,16 @@ def run(cfg: DictConfig) -> TrainResult:
         matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.train.seq_len
     )
     log.info("model %s: %.1fM parameters", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6)
+    _phase(watchdog, "preparing data")
     with rank_zero_first():
         dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
 
+    _phase(watchdog, "starting")
     engine = build_engine(model, ds_config, cfg)
     checkpointer.attach(engine)
     start_step, samples_seen = 0, 0
     if resume is not None:
+        _phase(watchdog, "loading checkpoint")
         client_state = checkpointer.load(resume)
         start_step, samples_seen = client_state["step"], client_state["samples_seen"]
     plan = BatchPlan(
@@ -130,8 +145,14 @@ def run(cfg: DictConfig) -> TrainResult:
         flops_per_token=flops,
         device=device,
         max_nonfinite_steps=cfg.fault.max_nonfinite_steps,
+        straggler_factor=cfg.fault.straggler_factor,
+        watchdog=watchdog,
         inject_nan_steps=list(cfg.fault.inject_nan_steps),
+        inject_slow_rank=cfg.fault.inject_slow_rank,
+        inject_slow_step_s=cfg.fault.inject_slow_step_s,
+        inject_slow_save_s=cfg.fault.inject_slow_save_s,
     )
+    _phase(watchdog, "training", start_step)
 
     if start_step >= cfg.train.max_steps:
         log.info("run already complete at step %d (train.max_steps=%d)", start_step, cfg.train.max_steps)
@@ -147,7 +168,16 @@ def run(cfg: DictConfig) -> TrainResult:
         outcome, exit_code = None, EXIT_NONFINITE
     except CheckpointError as err:
         log.error("%s", err)
-        raise
+        outcome, exit_code = None, EXIT_CHECKPOINT_FAILED
+    except RuntimeError as err:
+        if not _is_peer_failure(err):
+            raise
+        log.error(
+            "rank %d: a collective failed (%s): another rank died or stopped answering within "
+            "fault.collective_timeout_s=%g s. Relaunch to resume from the last checkpoint.",
+            ranks.rank, str(err).splitlines()[0], cfg.fault.collective_timeout_s,
+        )
+        os._exit(EXIT_PEER_LOST)  # the process group is broken: no orderly shutdown is possible
 
     if metrics is not None:
         metrics.close()
@@ -158,9 +188,27 @@ def run(cfg: DictConfig) -> TrainResult:
         checkpoint=str(checkpointer.latest()) if checkpointer.latest() else None,
         exit_code=exit_code,
     )
+    if watchdog is not None:
+        watchdog.stop()
     engine.destroy()
     torch.distributed.destroy_process_group()
     return result
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone or silent (gloo reports these as plain
+    RuntimeErrors: "Timed out waiting ... for recv", "Connection closed by peer")."""
+    import torch.distributed
+
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Timed out waiting")
+    )
+
+
+def _phase(watchdog, phase: str, step: int | None = None) -> None:
+    if watchdog is not None:
+        watchdog.progress(step, phase)
 
 
 if __name__ == "__main__":

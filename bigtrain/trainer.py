@@ -22,6 +22,8 @@ log = logging.getLogger("bigtrain")
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last checkpoint is intact
+EXIT_CHECKPOINT_FAILED = 4  # a save failed (disk full, unwritable); the previous checkpoint is intact
+EXIT_PEER_LOST = 5  # a collective failed or timed out: another rank died or stopped answering
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a signal asked us to stop; a checkpoint was saved, relaunch resumes
 
 
@@ -73,7 +75,12 @@ class Trainer:
         flops_per_token: float,
         device: str,
         max_nonfinite_steps: int,
-        inject_nan_steps: list[int],
+        straggler_factor: float,
+        watchdog=None,
+        inject_nan_steps: list[int] = (),
+        inject_slow_rank: int = -1,
+        inject_slow_step_s: float = 0.0,
+        inject_slow_save_s: float = 0.0,
     ):
         self.engine = engine
         self.loader = loader
@@ -85,7 +92,13 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.device = device
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.straggler_factor = straggler_factor
+        self.watchdog = watchdog
         self.inject_nan_steps = set(inject_nan_steps)
+        self.rank = dist.get_rank()
+        self.slow_step_s = inject_slow_step_s if self.rank == inject_slow_rank else 0.0
+        self.slow_save_s = inject_slow_save_s if self.rank == 0 else 0.0
+        self.compute_time = 0.0  # this rank's data + forward time in the current logging window
         self.grad_accum = engine.gradient_accumulation_steps()
         self.stop_signal = StopSignal()
         self.skipped_steps = 0
@@ -109,6 +122,8 @@ class Trainer:
             loss, skipped = self.train_step(step)
             completed = step + 1
             window_steps += 1
+            if self.watchdog is not None:
+                self.watchdog.progress(completed)
             self._guard(completed, skipped)
             stop_requested = self._any_rank_signalled()
             if self._should_log(completed, start_step) or stop_requested:
@@ -117,17 +132,26 @@ class Trainer:
                 last_loss = self._log(completed, loss, lr, elapsed / window_steps, skipped)
                 window_start, window_steps = time.perf_counter(), 0
             if stop_requested:
-                self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
+                self._save(completed)
                 log.warning("stopped at step %d on a signal; relaunch the same command to resume", completed)
                 return TrainOutcome(completed, last_loss, preempted=True)
             # No periodic save in the middle of a run of skipped steps: if it ends in a stop, the
             # newest checkpoint should be the last one taken while training was healthy.
             healthy = self.consecutive_skips == 0
             if self.checkpointer.due(completed) and completed < self.max_steps and healthy:
-                self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
+                self._save(completed)
         if start_step < self.max_steps:
-            self.checkpointer.save(self.max_steps, self.loader.plan.samples_before(self.max_steps))
+            self._save(self.max_steps)
         return TrainOutcome(completed, last_loss)
+
+    def _save(self, completed: int) -> None:
+        if self.watchdog is not None:  # other ranks may wait on this one: not a hang
+            self.watchdog.progress(phase="saving checkpoint")
+        if self.slow_save_s:
+            time.sleep(self.slow_save_s)
+        self.checkpointer.save(completed, self.loader.plan.samples_before(completed))
+        if self.watchdog is not None:
+            self.watchdog.progress(phase="training")
 
     def train_step(self, step: int) -> tuple[torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches.
@@ -141,8 +165,12 @@ class Trainer:
         total = torch.zeros((), device=self.engine.device)
         skipped = False
         for micro in range(self.grad_accum):
+            started = time.perf_counter()
+            if self.slow_step_s:
+                time.sleep(self.slow_step_s)
             input_ids = self.loader.micro_batch(step, micro).to(self.engine.device)
             loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            self.compute_time += time.perf_counter() - started
             if step + 1 in self.inject_nan_steps and dist.get_rank() == 0:
                 loss = loss * float("nan")
             if not self._finite_on_all_ranks(loss):
@@ -196,6 +224,27 @@ class Trainer:
                 "with a lower optimizer.lr or optimizer.grad_clip."
             )
 
+    def _find_stragglers(self) -> list[dict]:
+        """Ranks whose data + forward time in this logging window exceeds the median rank's by
+        straggler_factor. Step times are equal on all ranks (they wait for each other in the
+        gradient exchange), so the comparison uses the time before the first collective."""
+        times = torch.zeros(dist.get_world_size(), device=self.engine.device)
+        times[self.rank] = self.compute_time
+        dist.all_reduce(times)
+        self.compute_time = 0.0
+        median = times.median().item()
+        if dist.get_world_size() < 2 or median <= 0:
+            return []
+        slow = [
+            {"rank": r, "ratio": round(t / median, 2)}
+            for r, t in enumerate(times.tolist())
+            if t > self.straggler_factor * median
+        ]
+        for s in slow if self.rank == 0 else []:
+            log.warning("straggler: rank %d spent %.1fx the median rank's time in data + forward",
+                        s["rank"], s["ratio"])
+        return slow
+
     def _should_log(self, completed: int, start_step: int) -> bool:
         return completed % self.log_interval == 0 or completed in (start_step + 1, self.max_steps)
 
@@ -205,6 +254,7 @@ class Trainer:
         dist.all_reduce(mean_loss)
         mean_loss = mean_loss.item() / dist.get_world_size()
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
+        stragglers = self._find_stragglers()
         record = {
             "step": completed,
             "loss": mean_loss if math.isfinite(mean_loss) else None,
@@ -216,6 +266,7 @@ class Trainer:
             "mem_gb": peak_memory_gb(self.device),
             "skipped": skipped,
             "skipped_steps": self.skipped_steps,
+            "stragglers": stragglers,
         }
         if self.metrics is not None:
             self.metrics.write(record)

@@ -75,8 +75,9 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the `bigtrain.train` rank processes under a launcher."""
+    """PIDs of the `bigtrain.train` rank processes under a launcher, indexed by rank."""
     import psutil
 
     children = psutil.Process(launcher_pid).children(recursive=True)
-    return sorted(p.pid for p in children if "bigtrain.train" in " ".join(p.cmdline()))
+    ranks = [p for p in children if "bigtrain.train" in " ".join(p.cmdline()) and "RANK" in p.environ()]
+    return [p.pid for p in sorted(ranks, key=lambda p: int(p.environ()["RANK"]))]

@@ -148,10 +148,20 @@ class FaultConfig:
     collective_timeout_s: float = 600.0
     """Longest a collective may block before the process group gives up; bounds how long a crashed
     peer can stall the others (gloo's own default is 30 minutes)."""
+    hang_timeout_s: float = 300.0
+    """End the job (exit 124, with run_dir/hang_report.txt) when no rank makes progress for this
+    long, or one rank stops answering; 0 turns the watchdog off."""
+    straggler_factor: float = 1.5
+    """Report a rank whose compute time per step exceeds the median rank's by this factor."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many consecutive steps skipped for a NaN/Inf loss or gradient norm."""
     inject_nan_steps: List[int] = field(default_factory=list)
     """Testing aid: make rank 0's loss NaN at these steps (1-based), to exercise the guard."""
+    inject_slow_rank: int = -1
+    """Testing aid: the rank that sleeps inject_slow_step_s before each micro-batch (-1: none)."""
+    inject_slow_step_s: float = 0.0
+    inject_slow_save_s: float = 0.0
+    """Testing aid: rank 0 sleeps this long inside every checkpoint save."""
 
 
 @dataclass

@@ -77,7 +77,12 @@ def _check_positive(cfg: DictConfig) -> None:
     for key, value in sizes.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}. Set {key} to a value above 0.")
-    for key in ("checkpoint.interval", "scheduler.warmup_steps", "optimizer.grad_clip"):
+    if cfg.fault.collective_timeout_s <= 0:
+        raise ConfigError(
+            f"fault.collective_timeout_s must be positive, got {cfg.fault.collective_timeout_s}. "
+            "It bounds how long a collective waits for a dead peer; a few minutes suits most jobs."
+        )
+    for key in ("checkpoint.interval", "scheduler.warmup_steps", "optimizer.grad_clip", "fault.hang_timeout_s"):
         value = OmegaConf.select(cfg, key)
         if value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value}. Use 0 to turn it off.")

@@ -1,0 +1,1 @@
+"""bigtrain's benchmarks: run by hand, results under benchmarks/results/."""

@@ -1,0 +1,54 @@
+"""A checkpoint folder that cannot be written is refused at start-up; a disk that fills up during
+a save gives a clear error (exit 4) and leaves the previous checkpoint valid."""
+
+import subprocess
+
+import pytest
+
+from bigtrain.checkpoint import find_problem, list_tags
+from conftest import FAST, launcher_command
+
+
+def run(overrides, cwd):
+    return subprocess.run(launcher_command("deepspeed", 2, overrides), cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run_dir = tmp_path / "run"
+    proc = run([*FAST, f"checkpoint.dir={blocker}/checkpoints", f"run_dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2
+    log = (run_dir / "train.log").read_text()
+    assert f"checkpoint.dir {blocker}/checkpoints is not writable" in log
+    assert not (run_dir / "metrics.jsonl").exists(), "no step was trained"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 120 MB tmpfs: room for one checkpoint of the tiny model (~85 MB), not two."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.mark.multiprocess
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, small_disk):
+    run_dir = tmp_path / "run"
+    ckpt = small_disk / "checkpoints"
+    proc = run([*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=2",
+                f"checkpoint.dir={ckpt}", f"run_dir={run_dir}"], tmp_path)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "Could not save checkpoint" in log and "the disk holding it is full" in log
+    assert f"The previous checkpoint {ckpt}/step_00000001 is intact" in log
+    assert [p.name for p in list_tags(ckpt)] == ["step_00000001"]  # the partial save was removed
+    assert find_problem(ckpt / "step_00000001") is None
+    assert (ckpt / "latest").read_text() == "step_00000001"
