@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from bigtrain.config.errors import ConfigError
+from bigtrain.distributed import long_wait_group
 
 log = logging.getLogger("bigtrain")
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -106,10 +107,20 @@ def list_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: int(TAG_PATTERN.match(p.name).group(1)), reverse=True)
 
 
-def newest_valid(ckpt_dir: Path, verify_checksums: bool = True) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that checks out, and a warning for each newer one that did not."""
+def newest_valid(
+    ckpt_dir: Path, verify_checksums: bool = True, latest: Path | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that checks out, and a warning for each newer one that did not.
+
+    The `latest` pointer, when given, is tried first: after resuming from an older checkpoint the
+    most recent save need not have the highest step number.
+    """
     warnings = []
-    for tag_dir in list_tags(ckpt_dir):
+    candidates = list_tags(ckpt_dir)
+    if latest is not None and latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    for tag_dir in candidates:
         problem = find_problem(tag_dir, verify_checksums)
         if problem is None:
             return tag_dir, warnings
@@ -144,7 +155,19 @@ class Checkpointer:
         return self.rank == 0
 
     def attach(self, engine) -> None:
+        """Use `engine` for saving and loading. Its file writes are wrapped so that a failed write
+        is recorded instead of raised: DeepSpeed's save runs collectives after the writes, and a
+        rank that left early would leave the others waiting in them."""
         self.engine = engine
+        self._write_error: str | None = None
+        write = engine.checkpoint_engine.save
+
+        def recorded_write(state_dict, path):
+            if self._write_error is None:
+                error = self._attempt(lambda: write(state_dict, path))
+                self._write_error = error and f"writing {path}: {error}"
+
+        engine.checkpoint_engine.save = recorded_write
 
     def due(self, completed_steps: int) -> bool:
         return self.interval > 0 and completed_steps % self.interval == 0
@@ -170,12 +193,16 @@ class Checkpointer:
             "dp_size": self.dp_size,
             "zero_stage": self.zero_stage,
         }
+        error = None
+        if self.is_main and tag_dir.exists():  # left by a run that went further from an older point
+            error = self._attempt(lambda: shutil.rmtree(tag_dir))
+        if not self._all_ranks_ok(error):
+            raise self._save_failed(tag_dir, error)
         error = self._attempt(lambda: tag_dir.mkdir(parents=True, exist_ok=True))
         if not self._all_ranks_ok(error):
             raise self._save_failed(tag_dir, error)
-        error = self._attempt(
-            lambda: self._write_shards(tag, tag_dir, client_state)
-        )
+        self._write_error = None
+        error = self._attempt(lambda: self._write_shards(tag, tag_dir, client_state)) or self._write_error
         if not self._all_ranks_ok(error):  # also the barrier: every rank's shards are written
             if self.is_main:
                 shutil.rmtree(tag_dir, ignore_errors=True)
@@ -187,7 +214,7 @@ class Checkpointer:
                 shutil.rmtree(tag_dir, ignore_errors=True)
             raise self._save_failed(tag_dir, error)
         if self.is_main:
-            self._prune()
+            self._prune(keep_always=tag_dir)
             log.info("saved checkpoint %s", tag_dir)
         return tag_dir
 
@@ -204,8 +231,9 @@ class Checkpointer:
         return None
 
     def _all_ranks_ok(self, error: str | None) -> bool:
+        # On the long-wait group: rank 0 may hash gigabytes for the manifest meanwhile.
         failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-        dist.all_reduce(failed)
+        dist.all_reduce(failed, group=long_wait_group())
         return int(failed.item()) == 0
 
     def _save_failed(self, tag_dir: Path, error: str | None) -> CheckpointError:
@@ -229,14 +257,17 @@ class Checkpointer:
         _atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         _atomic_write(self.dir / LATEST, tag_dir.name)
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` valid checkpoints. Incomplete folders older than the newest valid
-        one are leftovers of a crashed save and go too; newer ones may still be being written."""
+    def _prune(self, keep_always: Path) -> None:
+        """Keep the newest `keep` valid checkpoints (and always the one just saved). Incomplete
+        folders older than the newest valid one are leftovers of a crashed save and go too; newer
+        ones may still be being written."""
         valid_seen = 0
         for tag_dir in list_tags(self.dir):
             complete = (tag_dir / MANIFEST).is_file()
             if complete:
                 valid_seen += 1
+            if tag_dir == keep_always:
+                continue
             if valid_seen > self.keep or (valid_seen > 0 and not complete):
                 shutil.rmtree(tag_dir, ignore_errors=True)
                 shutil.rmtree(self.dir / UNIVERSAL_DIR / tag_dir.name, ignore_errors=True)
@@ -252,7 +283,7 @@ class Checkpointer:
                 decision[0] = self._choose()
             except (ConfigError, CheckpointError) as err:
                 decision[0] = err
-        dist.broadcast_object_list(decision, src=0)
+        dist.broadcast_object_list(decision, src=0, group=long_wait_group())
         if isinstance(decision[0], Exception):
             raise decision[0]
         return decision[0]
@@ -272,9 +303,15 @@ class Checkpointer:
 
     def _choose(self) -> ResumePoint | None:
         if self.resume_from == "never":
+            if list_tags(self.dir):
+                raise ConfigError(
+                    f"checkpoint.resume=never, but {self.dir} already holds checkpoints of an earlier "
+                    "run, which this run would mix with its own. Use a new run_dir (or checkpoint.dir), "
+                    "or checkpoint.resume=auto to continue that run."
+                )
             return None
         if self.resume_from == "auto":
-            tag_dir, warnings = newest_valid(self.dir, self.verify_checksums)
+            tag_dir, warnings = newest_valid(self.dir, self.verify_checksums, self.latest())
             for warning in warnings:
                 log.warning("%s; falling back to an earlier checkpoint", warning)
             if tag_dir is None:
@@ -329,9 +366,6 @@ class Checkpointer:
                 f"Converting {tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}\n"
                 f"Resume with the original {point.dp_size} data-parallel ranks instead."
             )
-        for name in os.listdir(tag_dir):  # our per-rank RNG files travel along
-            if name.startswith("rng_rank_"):
-                shutil.copy2(tag_dir / name, out / name)
         done.touch()
         return out
 
@@ -341,7 +375,7 @@ class Checkpointer:
         loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}.")
-        rng_path = path / rng_file(self.rank)
+        rng_path = Path(point.path) / rng_file(self.rank)
         if point.world_size == self.world_size and rng_path.is_file():
             restore_rng_state(torch.load(rng_path, weights_only=False))
         else:

@@ -2,7 +2,9 @@
 rank its share of every global batch in a seeded order that depends only on the step number."""
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bigtrain.config.errors import ConfigError
+from bigtrain.distributed import long_wait_group
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -39,9 +42,14 @@ def build_packed_dataset(data_cfg: DictConfig, seq_len: int) -> Dataset:
         usable = len(stream) - len(stream) % seq_len
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
-    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
+    # datasets cannot fingerprint a closure over a tokenizer reliably, so it would redo this work on
+    # every launch; name the results after what they depend on so its cache is reused instead.
+    key = _fingerprint(raw._fingerprint, data_cfg.tokenizer, data_cfg.text_field)
+    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize",
+                     new_fingerprint=f"bigtrain-tokens-{key}")
     # Large map batches keep the tokens lost at batch boundaries (one partial block each) negligible.
-    packed = tokens.map(pack, batched=True, batch_size=10_000, remove_columns=["ids"], desc="pack")
+    packed = tokens.map(pack, batched=True, batch_size=10_000, remove_columns=["ids"], desc="pack",
+                        new_fingerprint=f"bigtrain-pack-{key}-{seq_len}")
     if len(packed) == 0:
         raise ConfigError(
             f"The data has fewer than train.seq_len={seq_len} tokens, so not one training sequence "
@@ -50,15 +58,26 @@ def build_packed_dataset(data_cfg: DictConfig, seq_len: int) -> Dataset:
     return packed.with_format("torch")
 
 
+def _fingerprint(dataset_fingerprint: str, tokenizer_dir: str, text_field: str) -> str:
+    digest = hashlib.sha256(f"{dataset_fingerprint}|{text_field}".encode())
+    for path in sorted(Path(tokenizer_dir).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def rank_zero_first():
     """Let rank 0 fill the `datasets` cache before the other ranks read it, instead of racing."""
     distributed = dist.is_available() and dist.is_initialized()
+    group = long_wait_group() if distributed else None
     if distributed and dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if distributed and dist.get_rank() == 0:
-        dist.barrier()
+        dist.barrier(group=group)
+    try:
+        yield
+    finally:  # rank 0 releases the others even when it failed; they then fail the same way
+        if distributed and dist.get_rank() == 0:
+            dist.barrier(group=group)
 
 
 @dataclass

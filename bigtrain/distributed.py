@@ -67,6 +67,23 @@ def init_distributed(timeout_s: float) -> Ranks:
     return ranks
 
 
+# Rank 0 alone tokenizes a dataset, converts a checkpoint or hashes a large one while the others
+# wait; such waits may legitimately outlast fault.collective_timeout_s. The watchdog still ends the
+# job if rank 0 dies or stops answering meanwhile.
+LONG_WAIT = timedelta(hours=6)
+_long_wait_group = None
+
+
+def long_wait_group():
+    """A gloo group over all ranks for waiting on one rank's long, legitimate work (CPU tensors)."""
+    global _long_wait_group
+    if _long_wait_group is None:
+        import torch.distributed as dist
+
+        _long_wait_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    return _long_wait_group
+
+
 def bound_group_timeouts(timeout: timedelta) -> None:
     """Give every process group created from now on `timeout`, not torch's default.
 

@@ -50,17 +50,22 @@ def _pick_checkpoint(cfg, checkpoint: str | None) -> Path:
         if problem:
             raise ConfigError(f"Cannot export {checkpoint}: {problem}.")
         return tag_dir
-    tag_dir, warnings = newest_valid(checkpoint_dir(cfg))
+    ckpt_dir = checkpoint_dir(cfg)
+    pointer = ckpt_dir / "latest"
+    latest = ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+    tag_dir, warnings = newest_valid(ckpt_dir, latest=latest)
     for warning in warnings:
         log.warning("%s; exporting an earlier checkpoint", warning)
     if tag_dir is None:
-        raise ConfigError(f"No valid checkpoint in {checkpoint_dir(cfg)} to export.")
+        raise ConfigError(f"No valid checkpoint in {ckpt_dir} to export.")
     return tag_dir
 
 
 def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint folder of any ZeRO stage."""
-    if read_manifest(tag_dir)["zero_stage"] == 0:
+    if not any(tag_dir.glob("*optim_states.pt")):
+        # ZeRO-0 in fp32: the module's own weights are the master weights. (Mixed precision writes
+        # its fp32 master copy to *optim_states.pt files even at stage 0, handled below.)
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

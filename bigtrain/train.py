@@ -4,10 +4,7 @@
     torchrun --nproc_per_node 2 -m bigtrain.train [OVERRIDES]
     deepspeed --num_gpus 2 --module bigtrain.train [OVERRIDES]
 
-Exit codes: 0 done; 2 bad config (nothing started); 3 stopped on repeated non-finite steps;
-4 a checkpoint could not be saved (the previous one is intact); 75 stopped by SIGTERM/SIGINT after
-saving a checkpoint (relaunch to resume); 5 another rank died or stopped answering; 124 a hang was
-detected (see run_dir/hang_report.txt); other: a crash.
+Exit codes: see bigtrain/exit_codes.py.
 """
 
 import logging
@@ -17,12 +14,12 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from bigtrain import exit_codes
 from bigtrain.config import ConfigError, compose
 from bigtrain.config.validate import data_parallel_size, resolve_device, validate
 from bigtrain.distributed import ranks_from_env, select_accelerator
 
 log = logging.getLogger("bigtrain")
-EXIT_CONFIG_ERROR = 2
 
 
 @dataclass
@@ -41,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, ranks_from_env().world_size)
     except ConfigError as err:
         print(f"bigtrain: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return exit_codes.CONFIG_ERROR
     return run(cfg).exit_code
 
 
@@ -74,9 +71,7 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.metrics import MetricsWriter, flops_per_token
     from bigtrain.models import build_model, matmul_parameters
     from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
-    from bigtrain.trainer import (
-        EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED, NonFiniteError, Trainer,
-    )
+    from bigtrain.trainer import NonFiniteError, Trainer
     from bigtrain.watchdog import Watchdog
 
     ranks = init_distributed(cfg.fault.collective_timeout_s)
@@ -95,7 +90,7 @@ def run(cfg: DictConfig) -> TrainResult:
         resume = checkpointer.find_resume_point()
     except (ConfigError, CheckpointError) as err:
         log.error("%s", err)
-        raise SystemExit(EXIT_CONFIG_ERROR) from None
+        raise SystemExit(exit_codes.CONFIG_ERROR) from None
 
     _phase(watchdog, "starting")
     ds_config = to_deepspeed_config(cfg, ranks.world_size)
@@ -109,8 +104,20 @@ def run(cfg: DictConfig) -> TrainResult:
     )
     log.info("model %s: %.1fM parameters", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6)
     _phase(watchdog, "preparing data")
-    with rank_zero_first():
-        dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
+    try:
+        with rank_zero_first():
+            dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
+        plan = BatchPlan(
+            num_blocks=len(dataset),
+            micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum,
+            dp_size=dp_size,
+            dp_rank=ranks.rank // (ranks.world_size // dp_size),
+            seed=cfg.seed,
+        )
+    except ConfigError as err:  # found only once the data is read; every rank finds the same
+        log.error("%s", err)
+        raise SystemExit(exit_codes.CONFIG_ERROR) from None
 
     _phase(watchdog, "starting")
     engine = build_engine(model, ds_config, cfg)
@@ -120,16 +127,7 @@ def run(cfg: DictConfig) -> TrainResult:
         _phase(watchdog, "loading checkpoint")
         client_state = checkpointer.load(resume)
         start_step, samples_seen = client_state["step"], client_state["samples_seen"]
-    plan = BatchPlan(
-        num_blocks=len(dataset),
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=cfg.train.grad_accum,
-        dp_size=dp_size,
-        dp_rank=ranks.rank // (ranks.world_size // dp_size),
-        seed=cfg.seed,
-        start_step=start_step,
-        start_sample=samples_seen,
-    )
+    plan.start_step, plan.start_sample = start_step, samples_seen
     metrics = None
     if ranks.is_main:
         metrics = MetricsWriter(str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress)
@@ -160,15 +158,15 @@ def run(cfg: DictConfig) -> TrainResult:
     try:
         outcome = trainer.train(start_step)
         if outcome.preempted:
-            exit_code = EXIT_PREEMPTED
+            exit_code = exit_codes.PREEMPTED
         else:
             log.info("done: %d steps, final loss %s", outcome.completed_steps, outcome.final_loss)
     except NonFiniteError as err:
         log.error("%s", err)
-        outcome, exit_code = None, EXIT_NONFINITE
+        outcome, exit_code = None, exit_codes.NONFINITE
     except CheckpointError as err:
         log.error("%s", err)
-        outcome, exit_code = None, EXIT_CHECKPOINT_FAILED
+        outcome, exit_code = None, exit_codes.CHECKPOINT_FAILED
     except RuntimeError as err:
         if not _is_peer_failure(err):
             raise
@@ -177,7 +175,7 @@ def run(cfg: DictConfig) -> TrainResult:
             "fault.collective_timeout_s=%g s. Relaunch to resume from the last checkpoint.",
             ranks.rank, str(err).splitlines()[0], cfg.fault.collective_timeout_s,
         )
-        os._exit(EXIT_PEER_LOST)  # the process group is broken: no orderly shutdown is possible
+        os._exit(exit_codes.PEER_LOST)  # the process group is broken: no orderly shutdown is possible
 
     if metrics is not None:
         metrics.close()

@@ -18,15 +18,6 @@ from bigtrain.metrics import MetricsWriter, peak_memory_gb
 
 log = logging.getLogger("bigtrain")
 
-# Exit codes a launcher or restart wrapper can act on (see README "Exit codes").
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 2
-EXIT_NONFINITE = 3  # too many consecutive non-finite steps; the last checkpoint is intact
-EXIT_CHECKPOINT_FAILED = 4  # a save failed (disk full, unwritable); the previous checkpoint is intact
-EXIT_PEER_LOST = 5  # a collective failed or timed out: another rank died or stopped answering
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a signal asked us to stop; a checkpoint was saved, relaunch resumes
-
-
 class NonFiniteError(RuntimeError):
     """Training produced non-finite values it could not skip past."""
 
@@ -39,10 +30,15 @@ class TrainOutcome:
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT: ask the loop to stop after the current step (and save). Second: exit now."""
+    """First SIGTERM/SIGINT: ask the loop to stop after the current step (and save). Another one
+    more than REPEAT_AFTER_S later: exit now. Signals closer together are one request: Ctrl-C
+    reaches every rank and the launcher, which then forwards a SIGTERM of its own."""
+
+    REPEAT_AFTER_S = 5.0
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous = {}
 
     def install(self) -> None:
@@ -55,8 +51,10 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            os._exit(128 + signum)
-        self.received = signum
+            if time.monotonic() - self._received_at > self.REPEAT_AFTER_S:
+                os._exit(128 + signum)
+            return
+        self.received, self._received_at = signum, time.monotonic()
         log.warning("received %s: finishing this step, saving a checkpoint, then exiting "
                     "(send it again to exit at once)", signal.Signals(signum).name)
 
@@ -163,7 +161,7 @@ class Trainer:
         step's gradient.
         """
         total = torch.zeros((), device=self.engine.device)
-        skipped = False
+        nonfinite_loss = False
         for micro in range(self.grad_accum):
             started = time.perf_counter()
             if self.slow_step_s:
@@ -171,19 +169,27 @@ class Trainer:
             input_ids = self.loader.micro_batch(step, micro).to(self.engine.device)
             loss = self.engine(input_ids=input_ids, labels=input_ids).loss
             self.compute_time += time.perf_counter() - started
-            if step + 1 in self.inject_nan_steps and dist.get_rank() == 0:
+            if self.watchdog is not None:
+                self.watchdog.progress()
+            if step + 1 in self.inject_nan_steps and self.rank == 0:
                 loss = loss * float("nan")
             if not self._finite_on_all_ranks(loss):
                 if micro == 0:
                     return loss.detach(), True
-                skipped = True
-                self.engine.step()  # keeps DeepSpeed's micro-step count in line with ours
-                continue
+                # Earlier micro-batches are already accumulated: finish the step without this one.
+                # A zero loss from a fresh two-token forward gives every parameter a zero gradient,
+                # so DeepSpeed's gradient exchange runs on every rank as usual.
+                log.warning("step %d: micro-batch %d has a non-finite loss; left out of the step",
+                            step + 1, micro)
+                loss = self.engine(input_ids=input_ids[:1, :2]).logits.float().sum() * 0.0
+                nonfinite_loss = True
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        # DeepSpeed itself skips a ZeRO step whose gradient norm is not finite.
-        skipped = skipped or not self.engine.was_step_applied()
+        # DeepSpeed skips a ZeRO step whose gradient norm is not finite. Under fp16 that is routine
+        # loss-scale calibration, not a fault, unless the loss itself was non-finite.
+        overflow = not self.engine.was_step_applied()
+        skipped = overflow and (nonfinite_loss or not self.engine.fp16_enabled())
         return total / self.grad_accum, skipped
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:

@@ -12,10 +12,10 @@ current phase, time of last progress) and reads everyone else's. A hang is eithe
   deadlocked in collectives.
 
 A slow step, or a checkpoint save that keeps the other ranks waiting in a collective, is progress
-and is left alone. On a hang every live rank dumps its Python stacks; the lowest live rank writes
+and is left alone (the loop reports progress after every micro-batch and around every save). On a hang every live rank dumps its Python stacks; the lowest live rank writes
 `run_dir/hang_report.txt` naming the stalled ranks and the last step of each, SIGKILLs stalled ranks
 on its own host (a stopped process would otherwise hold up the launcher's teardown), and every live
-rank exits with EXIT_HANG so that a restart wrapper relaunches from the last checkpoint.
+rank exits with exit_codes.HANG (124) so that a restart wrapper relaunches from the last checkpoint.
 """
 
 import faulthandler
@@ -29,8 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+from bigtrain import exit_codes
+
 log = logging.getLogger("bigtrain")
-EXIT_HANG = 124
 BEAT_INTERVAL_S = 1.0
 # Phases in which one rank may keep the others waiting for long without being hung.
 BLOCKING_PHASES = {"starting", "preparing data", "loading checkpoint", "saving checkpoint"}
@@ -54,6 +55,7 @@ class Watchdog:
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"stacks_rank_{self.rank}.txt").unlink(missing_ok=True)  # from an earlier hang
         self._beat()
         self._thread.start()
 
@@ -75,8 +77,8 @@ class Watchdog:
             try:
                 self._beat()
                 stalled = self._find_stall()
-            except OSError:
-                continue  # a heartbeat being replaced mid-read; try again next beat
+            except (OSError, ValueError, KeyError):
+                continue  # a heartbeat replaced mid-read, a full disk: try again next beat
             if stalled is not None:
                 self._end_job(*stalled)
 
@@ -128,7 +130,7 @@ class Watchdog:
             log.error("hang detected: %s on rank(s) %s; see %s", why, stalled, self.report_path)
             if not why.startswith("no progress"):  # deadlocked ranks exit by themselves
                 self._kill_local(stalled, beats)
-        os._exit(EXIT_HANG)
+        os._exit(exit_codes.HANG)
 
     def _report(self, stalled: list[int], why: str, beats: dict) -> str:
         now = time.time()
@@ -152,7 +154,7 @@ class Watchdog:
             path = self.dir / f"stacks_rank_{rank}.txt"
             if path.is_file():
                 lines += ["", f"--- rank {rank} ---", path.read_text()]
-        lines += ["", f"The job exits with code {EXIT_HANG}; relaunch to resume from the last checkpoint."]
+        lines += ["", f"The job exits with code {exit_codes.HANG}; relaunch to resume from the last checkpoint."]
         return "\n".join(lines) + "\n"
 
     def _kill_local(self, stalled: list[int], beats: dict) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +28,24 @@ def launcher_command(launcher: str, nproc: int, overrides: list[str]) -> list[st
     raise ValueError(launcher)
 
 
+def run_command(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher in a session of its own; on timeout kill the whole session, ranks included,
+    so that a stuck test cannot leave ranks loading the machine for the tests after it."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {command}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def run_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, timeout: float = 300):
     """Run bigtrain under a real launcher in `cwd`; fail the test with its output if it fails."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        launcher_command(launcher, nproc, overrides), cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+    proc = run_command(launcher_command(launcher, nproc, overrides), cwd, timeout)
     if proc.returncode != 0:
         pytest.fail(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -51,12 +63,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, log_path: Path):
-    """Start a run in the background (output to `log_path`); returns the Popen."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
-    log = open(log_path, "w")
-    return subprocess.Popen(launcher_command(launcher, nproc, overrides), cwd=cwd, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture
+def background():
+    """Start runs in the background (output to a log file); whatever is left is killed at the end."""
+    started = []
+
+    def start(command: list[str], cwd: Path, log_path: Path, **env_extra):
+        env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu", **env_extra)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:

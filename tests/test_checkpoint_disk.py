@@ -6,12 +6,11 @@ import subprocess
 import pytest
 
 from bigtrain.checkpoint import find_problem, list_tags
-from conftest import FAST, launcher_command
+from conftest import FAST, launcher_command, run_command
 
 
 def run(overrides, cwd):
-    return subprocess.run(launcher_command("deepspeed", 2, overrides), cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_command(launcher_command("torchrun", 2, overrides), cwd)
 
 
 @pytest.mark.multiprocess

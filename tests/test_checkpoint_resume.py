@@ -3,7 +3,6 @@ on a different number of data-parallel ranks (through DeepSpeed's universal chec
 
 import os
 import signal
-import subprocess
 import time
 
 import psutil
@@ -12,7 +11,7 @@ import pytest
 from bigtrain.checkpoint import find_problem
 from bigtrain.config import compose
 from conftest import (
-    FAST, REPO, launcher_command, rank_pids, read_metrics, run_bigtrain, start_bigtrain, wait_for_step,
+    FAST, REPO, launcher_command, rank_pids, read_metrics, run_bigtrain, wait_for_step,
 )
 from reference import reference_losses
 
@@ -35,10 +34,10 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_sigterm_saves_and_exits_75_then_resume_continues(tmp_path):
+def test_sigterm_saves_and_exits_75_then_resume_continues(tmp_path, background):
     run_dir = tmp_path / "run"
     overrides = [*BASE, "train.max_steps=500", f"run_dir={run_dir}"]
-    proc = start_bigtrain("deepspeed", 2, overrides, tmp_path, tmp_path / "log.txt")
+    proc = background(launcher_command("deepspeed", 2, overrides), tmp_path, tmp_path / "log.txt")
     wait_for_step(run_dir, 3, proc)
     os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)  # any rank: here not rank 0
     assert proc.wait(timeout=120) == 75, (tmp_path / "log.txt").read_text()[-3000:]
@@ -54,7 +53,7 @@ def test_sigterm_saves_and_exits_75_then_resume_continues(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path):
+def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path, background):
     """Bound: the launcher ends the job within 60 s of the kill (seen: about 3 s, as the surviving
     rank's next collective fails at once with 'Connection closed by peer'). launchers/restart.sh
     then relaunches it, and the relaunch loses at most one checkpoint interval."""
@@ -62,13 +61,14 @@ def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path):
     log_path = tmp_path / "log.txt"
     command = launcher_command("deepspeed", 2, [*BASE, "train.max_steps=14", "checkpoint.interval=2",
                                                 f"run_dir={run_dir}"])
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MAX_RESTARTS="1", RESTART_DELAY_S="0")
-    with open(log_path, "w") as log:
-        wrapper = subprocess.Popen([str(REPO / "launchers" / "restart.sh"), *command], cwd=tmp_path,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_step(run_dir, 3 + int.from_bytes(os.urandom(1), "little") % 4, wrapper)
+    wrapper = background([str(REPO / "launchers" / "restart.sh"), *command], tmp_path, log_path,
+                         MAX_RESTARTS="1", RESTART_DELAY_S="0")
+    kill_step = 3 + int.from_bytes(os.urandom(1), "little") % 4
+    print(f"killing rank 1 at step {kill_step} or just after")
+    wait_for_step(run_dir, kill_step, wrapper)
     killed_at = read_metrics(run_dir)[-1]["step"]
-    launcher = next(p for p in psutil.Process(wrapper.pid).children() if "deepspeed" in " ".join(p.cmdline()))
+    launcher = next(p for p in psutil.Process(wrapper.pid).children(recursive=True)
+                    if "deepspeed" in " ".join(p.cmdline()))
     os.kill(rank_pids(launcher.pid)[1], signal.SIGKILL)
     start = time.monotonic()
     while "restart.sh: exit code" not in log_path.read_text():

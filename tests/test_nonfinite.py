@@ -1,14 +1,12 @@
 """A NaN loss skips the update on every rank (weights unchanged) and is counted; too many in a row
 stop the run with exit code 3 and the last good checkpoint intact."""
 
-import subprocess
-
 import pytest
 import torch
 
 from bigtrain.checkpoint import find_problem
 from bigtrain.export import fp32_state_dict
-from conftest import FAST, launcher_command, read_metrics, run_bigtrain
+from conftest import FAST, launcher_command, read_metrics, run_bigtrain, run_command
 
 
 @pytest.mark.multiprocess
@@ -34,8 +32,7 @@ def test_consecutive_nans_stop_the_run_with_last_checkpoint_intact(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*FAST, "train.max_steps=10", "checkpoint.interval=2", "fault.max_nonfinite_steps=3",
                  "fault.inject_nan_steps=[3,4,5]", f"run_dir={run_dir}"]
-    proc = subprocess.run(launcher_command("deepspeed", 2, overrides), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_command(launcher_command("deepspeed", 2, overrides), tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "3 consecutive steps (up to step 5) had a non-finite loss" in log

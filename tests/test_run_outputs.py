@@ -3,6 +3,7 @@ metrics.jsonl, TensorBoard events, train.log and the last `checkpoint.keep` chec
 the same command continues from the newest checkpoint."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -69,9 +70,11 @@ def test_one_run_dir_with_logs_events_and_last_checkpoints(finished_run):
 
 
 @pytest.mark.multiprocess
-def test_relaunch_continues_from_newest_checkpoint(finished_run):
-    cwd, run_dir, _ = finished_run
-    run_bigtrain("torchrun", 2, [*OVERRIDES, "train.max_steps=8", f"run_dir={run_dir}"], cwd=cwd)
+def test_relaunch_continues_from_newest_checkpoint(finished_run, tmp_path):
+    _, original, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)  # the other tests keep the original as it was
+    run_bigtrain("torchrun", 2, [*OVERRIDES, "train.max_steps=8", f"run_dir={run_dir}"], cwd=tmp_path)
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == [1, 2, 4, 6, 7, 8]
     assert "resumed from" in (run_dir / "train.log").read_text()

@@ -71,6 +71,8 @@ def _optimizer(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
         "betas": list(opt.betas),
         "eps": opt.eps,
         "weight_decay": opt.weight_decay,
+        # DeepSpeed's Adam applies decoupled (AdamW) weight decay unless told otherwise.
+        "adam_w_mode": opt.name == "adamw",
     }
     if not on_gpu and cfg.offload.optimizer == "none":
         # DeepSpeed's FusedAdam is a GPU kernel; on the CPU torch's own AdamW is the fast path.

@@ -1,0 +1,283 @@
+"""How fast bigtrain trains, next to raw DeepSpeed and plain PyTorch measured in the same run.
+
+    python -m benchmarks.throughput                 # default set: about 10 minutes on a 2-core CPU
+    python -m benchmarks.throughput --quick         # seconds; what the test suite runs
+
+Three ways, interleaved over --repeats rounds so that machine noise hits them alike:
+  (a) bigtrain: `deepspeed --module bigtrain.train` with the model, batch and ZeRO stage below;
+  (b) raw DeepSpeed: benchmarks/raw_deepspeed.py, a minimal loop over deepspeed.initialize with the
+      DeepSpeed JSON bigtrain derived (same launcher, its defaults);
+  (c) plain PyTorch: one process, all cores, the same model, global batch and AdamW.
+Then a sweep of ZeRO stage x offload through (b) for per-rank memory next to the ZeRO paper's
+model-state formula, and through (a) for tokens/s.
+
+FLOPs: 6 N + 12 L d T per token (PaLM appendix B / Megatron MFU), N = matmul parameters. MFU is
+against a peak measured here, now: a large fp32 matmul on the CPU, bf16 on a GPU.
+Results: benchmarks/results/throughput-<date>.{json,md}.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+BIN = Path(sys.executable).parent
+# A Llama of width 512 (CPU target: >= 60% of the matmul peak needs hidden size >= 512).
+MODEL = ["model=tiny_llama", "model.name=llama_d512", "model.hf_config.hidden_size=512",
+         "model.hf_config.intermediate_size=1376", "model.hf_config.num_attention_heads=8",
+         "model.hf_config.num_key_value_heads=8"]
+SWEEP = [(0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"),
+         (3, "none"), (3, "optimizer"), (3, "full")]
+
+
+def measure_peak_tflops(device: str) -> float:
+    """Best of a few large matmuls: fp32 on the CPU, bf16 on a GPU."""
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn_like(a)
+        n, reps = 8192, 20
+    else:
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        n, reps = 2048, 10
+    best = float("inf")
+    for _ in range(3):
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * n**3 / best / 1e12
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def run_bigtrain(overrides: list[str], ranks: int, workdir: Path, warmup: int) -> dict:
+    run_dir = workdir / f"bigtrain-{time.monotonic_ns()}"
+    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--module", "bigtrain.train",
+               *overrides, f"run_dir={run_dir}", "checkpoint.resume=never"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics_path, first_step_s = run_dir / "metrics.jsonl", None
+    while proc.poll() is None:
+        if first_step_s is None and metrics_path.exists() and metrics_path.stat().st_size:
+            first_step_s = time.perf_counter() - start
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bigtrain run failed:\n{proc.stderr.read()[-3000:]}")
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    steady = [r for r in records if r["step"] > warmup and r["step"] % 10 == 0] or records[-1:]
+    step_time = sum(r["step_time_s"] for r in steady) / len(steady)
+    tokens_per_step = steady[0]["tokens_per_s"] * steady[0]["step_time_s"]
+    return {
+        "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+        "tflops": sum(r["tflops"] for r in steady) / len(steady), "peak_mem_gb": records[-1]["mem_gb"],
+        "time_to_first_step_s": first_step_s, "run_dir": str(run_dir),
+    }
+
+
+def run_raw(run_dir: str, ranks: int, seq_len: int, steps: int, warmup: int, workdir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    spec = workdir / "model.json"
+    spec.write_text(json.dumps({"family": cfg.model.family,
+                                "hf_config": OmegaConf.to_container(cfg.model.hf_config)}))
+    out = workdir / f"raw-{time.monotonic_ns()}.json"
+    subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), str(REPO / "benchmarks" / "raw_deepspeed.py"),
+                    "--ds-config", str(Path(run_dir) / "ds_config.json"), "--model-config", str(spec),
+                    "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
+                   cwd=workdir, env=env(), check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def run_plain(run_dir: str, global_batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    """One process, every core, torch AdamW: in a child so its memory is its own."""
+    code = f"""
+import json, resource, time, torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = OmegaConf.load({str(Path(run_dir) / 'config.yaml')!r})
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.model.family, **cfg.model.hf_config))
+opt = cfg.optimizer
+optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                              weight_decay=opt.weight_decay)
+times = []
+for step in range({warmup + steps}):
+    start = time.perf_counter()
+    ids = torch.randint(0, model.config.vocab_size, ({global_batch}, {seq_len}))
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+step_time = sum(times[{warmup}:]) / {steps}
+print(json.dumps({{"tokens_per_s": {global_batch * seq_len} / step_time, "step_time_s": step_time,
+                  "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def zero_model_state_gb(params: int, stage: int, dp: int) -> float:
+    """ZeRO paper, fp32 training with Adam: 4 (weights) + 4 (gradients) + 8 (two moments) bytes per
+    parameter; stage 1 divides the moments, stage 2 also the gradients, stage 3 everything by dp."""
+    weights, grads, optim = 4 * params, 4 * params, 8 * params
+    if stage >= 1:
+        optim /= dp
+    if stage >= 2:
+        grads /= dp
+    if stage >= 3:
+        weights /= dp
+    return (weights + grads + optim) / 1e9
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=torch.cuda.device_count() or 2)
+    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (a multiple of 10)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (a multiple of 10)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the code path")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MODEL
+    precision = "precision=bf16" if device == "cuda" else "precision=fp32"
+    if args.quick:
+        model = ["model=tiny_llama"]
+        args.micro_batch, args.seq_len, args.steps, args.warmup, args.repeats = 2, 32, 10, 10, 1
+    overrides = [*model, precision, f"zero=stage{args.zero}", f"train.micro_batch_size={args.micro_batch}",
+                 f"train.seq_len={args.seq_len}", f"train.max_steps={args.warmup + args.steps}",
+                 "logging.interval=10", "logging.tensorboard=false"]
+    workdir = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
+    peak = measure_peak_tflops(device)
+    print(f"measured peak: {peak:.3f} TFLOP/s ({'bf16' if device == 'cuda' else 'fp32'} matmul, {device})")
+
+    rounds = []
+    for _ in range(args.repeats):
+        a = run_bigtrain(overrides, args.ranks, workdir, args.warmup)
+        b = run_raw(a["run_dir"], args.ranks, args.seq_len, args.steps, args.warmup, workdir)
+        c = run_plain(a["run_dir"], args.micro_batch * args.ranks, args.seq_len, args.steps, args.warmup)
+        rounds.append({"bigtrain": a, "raw_deepspeed": b, "plain_pytorch": c})
+        print(f"bigtrain {a['tokens_per_s']:,.0f} tok/s | raw DeepSpeed {b['tokens_per_s']:,.0f} | "
+              f"plain PyTorch {c['tokens_per_s']:,.0f}")
+
+    def mean(way: str, key: str) -> float:
+        return sum(r[way][key] for r in rounds) / len(rounds)
+
+    from bigtrain.config import compose
+    from bigtrain.metrics import flops_per_token
+    from bigtrain.models import build_model, matmul_parameters
+
+    cfg = compose([*overrides, "run_dir=/tmp/unused"])
+    net = build_model(cfg.model, 0)
+    params = sum(p.numel() for p in net.parameters())
+    fpt = flops_per_token(matmul_parameters(net), net.config.num_hidden_layers, net.config.hidden_size, args.seq_len)
+    comparison = {}
+    for way in ("bigtrain", "raw_deepspeed", "plain_pytorch"):
+        tps = mean(way, "tokens_per_s")
+        comparison[way] = {"tokens_per_s": tps, "step_time_s": mean(way, "step_time_s"),
+                           "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 1e12 / (peak * (args.ranks if
+                           device == "cuda" and way != "plain_pytorch" else 1)),
+                           "peak_mem_gb": mean(way, "peak_mem_gb")}
+    comparison["bigtrain"]["time_to_first_step_s"] = mean("bigtrain", "time_to_first_step_s")
+    ratios = {"bigtrain / raw DeepSpeed": comparison["bigtrain"]["tokens_per_s"] / comparison["raw_deepspeed"]["tokens_per_s"],
+              "bigtrain / plain PyTorch": comparison["bigtrain"]["tokens_per_s"] / comparison["plain_pytorch"]["tokens_per_s"]}
+
+    sweep = []
+    if not args.no_sweep:
+        for stage, offload in SWEEP[-1:] if args.quick else SWEEP:
+            sweep_overrides = [o for o in overrides if not o.startswith("zero=")]
+            a = run_bigtrain([*sweep_overrides, f"zero=stage{stage}", f"offload={offload}"], args.ranks, workdir,
+                             args.warmup)
+            b = run_raw(a["run_dir"], args.ranks, args.seq_len, max(2, args.steps // 4), 1, workdir)
+            sweep.append({"zero": stage, "offload": offload, "tokens_per_s": a["tokens_per_s"],
+                          "peak_mem_gb": a["peak_mem_gb"], "model_state_gb": b["model_state_gb"],
+                          "zero_formula_gb": zero_model_state_gb(params, stage, args.ranks)})
+            print(f"ZeRO-{stage} offload={offload}: {a['tokens_per_s']:,.0f} tok/s, model states "
+                  f"{b['model_state_gb']:.3f} GB (formula {sweep[-1]['zero_formula_gb']:.3f})")
+
+    result = {
+        "date": date.today().isoformat(), "device": device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (
+            f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
+        "versions": _versions(), "commit": _commit(), "model": cfg.model.name, "params": params,
+        "ranks": args.ranks, "zero": args.zero, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+        "global_batch": args.micro_batch * args.ranks, "steps": args.steps, "warmup": args.warmup,
+        "repeats": args.repeats, "peak_tflops": peak, "flops_per_token": fpt,
+        "comparison": comparison, "ratios": ratios, "sweep": sweep,
+    }
+    print(_markdown(result))
+    if not args.quick:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"throughput-{device}-{result['date']}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(result))
+        print(f"wrote {stem}.json and .md")
+    return result
+
+
+def _markdown(r: dict) -> str:
+    lines = [
+        f"# Throughput, {r['date']} ({r['device']})", "",
+        f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}.",
+        f"Model {r['model']} ({r['params'] / 1e6:.1f}M parameters), {r['ranks']} ranks, ZeRO-{r['zero']}, "
+        f"global batch {r['global_batch']} x {r['seq_len']} tokens, {r['warmup']} warm-up + {r['steps']} timed "
+        f"steps, {r['repeats']} interleaved rounds. Measured peak {r['peak_tflops']:.3f} TFLOP/s. "
+        f"FLOPs/token = 6N + 12LdT = {r['flops_per_token'] / 1e6:.1f}M.", "",
+        "| | tokens/s | step time | TFLOP/s | MFU | peak memory / rank | time to first step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for way, row in r["comparison"].items():
+        first = f"{row['time_to_first_step_s']:.1f} s" if row.get("time_to_first_step_s") else ""
+        lines.append(f"| {way} | {row['tokens_per_s']:,.0f} | {row['step_time_s'] * 1000:.0f} ms | "
+                     f"{row['tflops']:.3f} | {row['mfu']:.1%} | {row['peak_mem_gb']:.2f} GB | {first} |")
+    lines += [""] + [f"- {name}: **{value:.2f}**" for name, value in r["ratios"].items()]
+    if r["sweep"]:
+        lines += ["", "| ZeRO | offload | bigtrain tokens/s | peak memory / rank | model states / rank "
+                      "(measured) | ZeRO formula |", "|---|---|---|---|---|---|"]
+        for s in r["sweep"]:
+            lines.append(f"| {s['zero']} | {s['offload']} | {s['tokens_per_s']:,.0f} | {s['peak_mem_gb']:.2f} GB | "
+                         f"{s['model_state_gb']:.3f} GB | {s['zero_formula_gb']:.3f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import deepspeed
+    import transformers
+
+    return f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}"
+
+
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The benchmark code paths run end to end (on a tiny model), so they cannot rot unnoticed."""
+
+import pytest
+
+from benchmarks.throughput import main as throughput, zero_model_state_gb
+
+
+def test_zero_formula():
+    # 1M parameters, fp32 Adam: 16 bytes each unpartitioned; ZeRO-3 over 4 ranks: 4 bytes each.
+    assert zero_model_state_gb(10**6, 0, 4) == pytest.approx(0.016)
+    assert zero_model_state_gb(10**6, 1, 4) == pytest.approx(0.010)
+    assert zero_model_state_gb(10**6, 2, 4) == pytest.approx(0.007)
+    assert zero_model_state_gb(10**6, 3, 4) == pytest.approx(0.004)
+
+
+@pytest.mark.multiprocess
+def test_throughput_benchmark_quick(tmp_path):
+    result = throughput(["--quick", "--out", str(tmp_path)])
+    for way in ("bigtrain", "raw_deepspeed", "plain_pytorch"):
+        row = result["comparison"][way]
+        assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and 0 < row["mfu"] < 1
+    assert result["peak_tflops"] > 0
+    assert set(result["ratios"]) == {"bigtrain / raw DeepSpeed", "bigtrain / plain PyTorch"}
+    assert result["comparison"]["bigtrain"]["time_to_first_step_s"] > 0
+    (sweep,) = result["sweep"]
+    assert sweep["zero"] == 3 and sweep["offload"] == "full" and sweep["model_state_gb"] > 0
