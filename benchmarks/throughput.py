@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (a multiple of 10)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the code path")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, few steps, no sweep: checks the code path in about a minute")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     precision = "precision=bf16" if device == "cuda" else "precision=fp32"
     if args.quick:
         model = ["model=tiny_llama"]
-        args.micro_batch, args.seq_len, args.steps, args.warmup, args.repeats = 2, 32, 10, 10, 1
+        args.micro_batch, args.seq_len, args.steps, args.warmup, args.repeats = 2, 32, 10, 0, 1
     overrides = [*model, precision, f"zero=stage{args.zero}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.seq_len={args.seq_len}", f"train.max_steps={args.warmup + args.steps}",
                  "logging.interval=10", "logging.tensorboard=false"]
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
               "bigtrain / plain PyTorch": comparison["bigtrain"]["tokens_per_s"] / comparison["plain_pytorch"]["tokens_per_s"]}
 
     sweep = []
-    if not args.no_sweep:
-        for stage, offload in SWEEP[-1:] if args.quick else SWEEP:
+    if not args.no_sweep and not args.quick:
+        for stage, offload in SWEEP:
             sweep_overrides = [o for o in overrides if not o.startswith("zero=")]
             a = run_bigtrain([*sweep_overrides, f"zero=stage{stage}", f"offload={offload}"], args.ranks, workdir,
                              args.warmup)

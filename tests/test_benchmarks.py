@@ -2,6 +2,7 @@
 
 import pytest
 
+from benchmarks.throughput import _markdown as throughput_markdown
 from benchmarks.throughput import main as throughput, zero_model_state_gb
 
 
@@ -22,5 +23,4 @@ def test_throughput_benchmark_quick(tmp_path):
     assert result["peak_tflops"] > 0
     assert set(result["ratios"]) == {"bigtrain / raw DeepSpeed", "bigtrain / plain PyTorch"}
     assert result["comparison"]["bigtrain"]["time_to_first_step_s"] > 0
-    (sweep,) = result["sweep"]
-    assert sweep["zero"] == 3 and sweep["offload"] == "full" and sweep["model_state_gb"] > 0
+    assert "| bigtrain |" in (markdown := throughput_markdown(result)) and "bigtrain / raw DeepSpeed" in markdown

@@ -77,6 +77,8 @@ def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path, bac
     print(f"job ended {time.monotonic() - start:.1f} s after kill -9 of rank 1 at step {killed_at}")
 
     assert wrapper.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    # The surviving rank saw its peer vanish mid-collective and said so with exit code 5.
+    assert "restart.sh: exit code 5;" in log_path.read_text()
     train_log = (run_dir / "train.log").read_text()
     resumed_at = int(train_log.split("resumed from")[-1].split("at step ")[1].split()[0])
     assert killed_at - resumed_at <= 2 + 1  # one interval, plus the step in flight at the kill

@@ -6,10 +6,14 @@ import re
 import signal
 import time
 
+from pathlib import Path
+
 import psutil
 import pytest
 
-from conftest import FAST, launcher_command, rank_pids, read_metrics, run_bigtrain, run_command, wait_for_step
+from conftest import (
+    BIN, FAST, free_port, launcher_command, rank_pids, read_metrics, run_bigtrain, run_command, wait_for_step,
+)
 
 HANG_TIMEOUT_S = 8
 
@@ -53,7 +57,8 @@ def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, sto
     assert "stalled rank(s): [1] (no heartbeat" in report
     assert "--- rank 0 ---" in report and "--- rank 1 ---" not in report  # rank 0's stack only
     rows = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^(\d+)\s+\S+\s+\d+\s+(\d+)\s", report, re.M)}
-    assert set(rows) == {0, 1} and rows[1] == last_step and rows[0] >= last_step
+    # The stopped rank's last heartbeat may predate its last finished step by one.
+    assert set(rows) == {0, 1} and last_step - 1 <= rows[1] <= last_step and rows[0] >= last_step
 
     run_bigtrain("torchrun", 2, [*FAST, f"train.max_steps={last_step + 2}", f"run_dir={run_dir}"], cwd=tmp_path)
     assert "resumed from" in (run_dir / "train.log").read_text()
@@ -61,19 +66,15 @@ def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, sto
 
 
 @pytest.mark.multiprocess
-def test_every_process_group_times_out_without_the_watchdog(tmp_path, stopped_pids, background):
-    """DeepSpeed's own groups default to gloo's 30 minutes; bigtrain bounds them by
-    fault.collective_timeout_s. Bound 60 s: the 10 s timeout, a few seconds for the surviving rank to
-    exit, 1 s for the launcher to notice, and up to 30 s for the launcher to give up on the stopped
-    rank's SIGTERM and SIGKILL it (seen: 46 s). Without the bound the survivor waits 30 minutes."""
-    run_dir = tmp_path / "run"
-    overrides = [*FAST, "train.max_steps=500", "fault.hang_timeout_s=0",
-                 "fault.collective_timeout_s=10", f"run_dir={run_dir}"]
-    proc = background(launcher_command("deepspeed", 2, overrides), tmp_path, tmp_path / "log.txt")
-    code, ended_after = stop_rank_and_time_the_end(proc, run_dir, stopped_pids)
-    print(f"job ended {ended_after:.1f} s after SIGSTOP (collective_timeout_s=10, no watchdog)")
-    assert code == 5 and ended_after < 60
-    assert "a collective failed" in (run_dir / "train.log").read_text()
+def test_deepspeeds_own_groups_get_the_collective_timeout(tmp_path):
+    """DeepSpeed creates its data-parallel group without a timeout, so on gloo it would wait 30
+    minutes for an absent peer. bigtrain bounds every group by fault.collective_timeout_s: a
+    collective on DeepSpeed's group with a 3 s timeout gives up after 3 s (unbounded, it waits
+    until the absent rank exits 9 s in)."""
+    proc = run_command([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(Path(__file__).parent / "group_timeout_probe.py"), "3"], tmp_path, timeout=120)
+    waited = float(re.search(r"timed out after ([\d.]+) s", proc.stdout).group(1))
+    assert waited < 3 + 2
 
 
 @pytest.mark.multiprocess
