@@ -11,7 +11,8 @@ import sys
 from omegaconf import OmegaConf
 
 from bigtrain.config import ConfigError, compose
-from bigtrain.config.validate import validate, world_size_from_env
+from bigtrain.config.validate import validate
+from bigtrain.distributed import ranks_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "config", help="compose and validate a config; print the DeepSpeed JSON derived from it"
     )
     config.add_argument(
-        "--world-size", type=int, default=world_size_from_env(),
+        "--world-size", type=int, default=ranks_from_env().world_size,
         help="number of processes the run will have (default: $WORLD_SIZE or 1)",
     )
     config.add_argument(

@@ -50,7 +50,7 @@ def init_distributed(timeout_s: float) -> Ranks:
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m bigtrain.train`
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -96,7 +96,8 @@ def bound_group_timeouts(timeout: timedelta) -> None:
     c10d._get_default_timeout = lambda backend: timeout
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

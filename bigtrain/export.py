@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from bigtrain.checkpoint import checkpoint_dir, find_problem, newest_valid, read_manifest
 from bigtrain.config.errors import ConfigError
 from bigtrain.data import load_tokenizer
-from bigtrain.models import build_model_config
+from bigtrain.models import build_model_config, has_tied_output
 
 log = logging.getLogger("bigtrain")
 
@@ -30,7 +30,7 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None) -> Path:
 
     model = AutoModelForCausalLM.from_config(build_model_config(cfg.model), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {name for name in missing if _is_tied(model, name)}
+    tied = {name for name in missing if has_tied_output(model) and name.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise ConfigError(
             f"The checkpoint {tag_dir} does not fit model {cfg.model.name}: missing "
@@ -72,8 +72,3 @@ def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
-
-def _is_tied(model, name: str) -> bool:
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is model.get_input_embeddings().weight
-    return tied and name.endswith("lm_head.weight")

@@ -55,7 +55,12 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     lookup = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
     )
+    tied = has_tied_output(model)
+    return total - lookup + (model.get_output_embeddings().weight.numel() if tied else 0)
+
+
+def has_tied_output(model: torch.nn.Module) -> bool:
+    """Whether the output head shares its weight with the input embedding table."""
     output = model.get_output_embeddings()
-    tied = output is not None and output.weight is model.get_input_embeddings().weight
-    return total - lookup + (output.weight.numel() if tied else 0)
+    return output is not None and output.weight is model.get_input_embeddings().weight
 

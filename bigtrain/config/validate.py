@@ -4,7 +4,6 @@ Each check raises ConfigError with one paragraph: what is wrong, the value seen,
 Checks that need the model's or tokenizer's config read only those small files, never weights.
 """
 
-import os
 import warnings
 from pathlib import Path
 
@@ -234,6 +233,3 @@ def _check_model_and_tokenizer(cfg: DictConfig) -> None:
             "larger), or use a tokenizer that matches the model."
         )
 
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
