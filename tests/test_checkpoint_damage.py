@@ -97,3 +97,22 @@ def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, tmp
     assert "resumed from" in log and "at step 2" in log
     assert [m["step"] for m in read_metrics(run_dir)][-2:] == [3, 4]
     assert find_problem(run_dir / "checkpoints" / "step_00000004") is None
+
+
+def test_keep_last_k_spares_the_only_valid_and_in_progress_checkpoints(tmp_path):
+    from bigtrain.checkpoint import Checkpointer
+    from bigtrain.config import compose
+
+    ckpt = tmp_path / "checkpoints"
+    for step, complete in ((1, False), (2, True), (3, True), (4, False)):
+        tag = ckpt / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        if complete:
+            (tag / MANIFEST).write_text("{}")
+    checkpointer = Checkpointer(compose([f"checkpoint.dir={ckpt}", "checkpoint.keep=1"]), 0, 1, 1)
+    checkpointer._prune(keep_always=ckpt / "step_00000003")
+    # step 4 may still be being written; step 3 is the newest complete one; 1 and 2 are older.
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000004"]
+
+    checkpointer._prune(keep_always=ckpt / "step_00000003")  # the only valid one is never removed
+    assert (ckpt / "step_00000003").is_dir()
