@@ -18,7 +18,8 @@ def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     run_dir = tmp_path / "run"
-    proc = run([*FAST, f"checkpoint.dir={blocker}/checkpoints", f"run_dir={run_dir}"], tmp_path)
+    proc = run_command(launcher_command("python", 1, [*FAST, f"checkpoint.dir={blocker}/checkpoints",
+                                                      f"run_dir={run_dir}"]), tmp_path)
     assert proc.returncode == 2
     log = (run_dir / "train.log").read_text()
     assert f"checkpoint.dir {blocker}/checkpoints is not writable" in log

@@ -1,5 +1,6 @@
 """Numerical parity: 2-rank DeepSpeed runs at every ZeRO stage (and with optimizer offload) follow a
-single-process plain-PyTorch reference, step for step, on the same global batches (fp32).
+single-process plain-PyTorch reference, step for step, on the same global batches (fp32). Each run's
+ds_config.json, config.yaml, metrics.jsonl and TensorBoard events are checked against its config.
 
 Tolerance: |loss - reference| <= 1e-4 at each of 10 steps (losses are about 7-8, so ~1e-5 relative).
 The runs differ from the reference only in the order of floating-point sums: each rank averages the
@@ -10,9 +11,13 @@ grow them to a few 1e-6 in the loss (measured on a 2-core CPU: at most 5.3e-6). 
 missed shard, a skipped step, wrong clipping or schedule) moves the loss by 1e-3 or more.
 """
 
+import json
+
 import pytest
+import yaml
 
 from bigtrain.config import compose
+from bigtrain.config.deepspeed import to_deepspeed_config
 from conftest import FAST, read_metrics, run_bigtrain
 from reference import reference_losses
 
@@ -39,7 +44,7 @@ CASES = [
     # (launcher, ranks, overrides): the three entry points are all exercised here.
     ("torchrun", 2, ["zero=stage0"]),
     ("torchrun", 2, ["zero=stage1", "train.grad_accum=2"]),
-    ("deepspeed", 2, ["zero=stage2"]),
+    ("torchrun", 2, ["zero=stage2"]),
     ("torchrun", 2, ["zero=stage3"]),
     ("deepspeed", 2, ["zero=stage3", "offload=optimizer"]),
     ("python", 1, ["zero=stage2"]),
@@ -67,3 +72,22 @@ def test_matches_single_process_reference(tmp_path, reference, launcher, nproc, 
 
     # One shared run dir: no Hydra per-process folders next to it or in the working directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    check_run_outputs(run_dir, [*FAST, *overrides, f"run_dir={run_dir}"], nproc, grad_accum)
+
+
+def check_run_outputs(run_dir, overrides, nproc, grad_accum):
+    """What a run leaves behind agrees with its config (checkpointing is covered elsewhere)."""
+    assert {"config.yaml", "ds_config.json", "metrics.jsonl", "train.log", "tensorboard", "checkpoints"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    saved = json.loads((run_dir / "ds_config.json").read_text())
+    assert saved == to_deepspeed_config(compose(overrides), world_size=nproc)
+    assert saved["train_batch_size"] == 4 * grad_accum * nproc
+    composed = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert composed["run_dir"] == str(run_dir) and composed["zero"]["stage"] == saved["zero_optimization"]["stage"]
+    tokens_per_step = 4 * grad_accum * nproc * 64
+    for m in read_metrics(run_dir):
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mem_gb"} <= m.keys()
+        assert m["tokens_per_s"] == pytest.approx(tokens_per_step / m["step_time_s"])
+        assert m["tflops"] > 0 and m["mem_gb"] > 0.1 and m["grad_norm"] > 0
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
