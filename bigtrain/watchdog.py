@@ -61,10 +61,14 @@ class Watchdog:
 
     def progress(self, step: int | None = None, phase: str = "training") -> None:
         """Record that this rank moved on (finished a step, or entered/left a phase)."""
-        if step is not None:
-            self.step = step
         self.phase = phase
         self.progress_time = time.time()
+        if step is not None and step != self.step:
+            self.step = step
+            try:
+                self._beat()  # at once, so a rank that stops right after still shows its last step
+            except OSError:
+                pass  # the thread writes again within a second
 
     def stop(self) -> None:
         self._stop.set()
@@ -87,7 +91,7 @@ class Watchdog:
             "rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
             "phase": self.phase, "progress_time": self.progress_time, "time": time.time(),
         }
-        tmp = self.dir / f".rank_{self.rank}.json.tmp"
+        tmp = self.dir / f".rank_{self.rank}.{threading.get_ident()}.tmp"  # two writers: loop and thread
         tmp.write_text(json.dumps(beat))
         os.replace(tmp, self.dir / f"rank_{self.rank}.json")
 

@@ -57,8 +57,8 @@ def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, sto
     assert "stalled rank(s): [1] (no heartbeat" in report
     assert "--- rank 0 ---" in report and "--- rank 1 ---" not in report  # rank 0's stack only
     rows = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^(\d+)\s+\S+\s+\d+\s+(\d+)\s", report, re.M)}
-    # The stopped rank's last heartbeat may predate its last finished step by one.
-    assert set(rows) == {0, 1} and last_step - 1 <= rows[1] <= last_step and rows[0] >= last_step
+    # Rank 1 reports each finished step before rank 0 can log it; it may finish one more first.
+    assert set(rows) == {0, 1} and last_step <= rows[1] <= last_step + 1 and rows[0] >= last_step
 
     run_bigtrain("torchrun", 2, [*FAST, f"train.max_steps={last_step + 2}", f"run_dir={run_dir}"], cwd=tmp_path)
     assert "resumed from" in (run_dir / "train.log").read_text()

@@ -89,5 +89,7 @@ def check_run_outputs(run_dir, overrides, nproc, grad_accum):
     for m in read_metrics(run_dir):
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mem_gb"} <= m.keys()
         assert m["tokens_per_s"] == pytest.approx(tokens_per_step / m["step_time_s"])
-        assert m["tflops"] > 0 and m["mem_gb"] > 0.1 and m["grad_norm"] > 0
+        assert m["tflops"] > 0 and m["mem_gb"] > 0.1
+        if saved["zero_optimization"]["stage"] > 0:  # DeepSpeed reports no gradient norm at ZeRO-0
+            assert m["grad_norm"] > 0
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
