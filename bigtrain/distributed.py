@@ -64,7 +64,28 @@ def init_distributed(timeout_s: float) -> Ranks:
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(ranks.local_rank)
+    else:
+        unlink_shm_workspace(ranks.rank)
     return ranks
+
+
+def unlink_shm_workspace(rank: int) -> None:
+    """Remove this rank's name for DeepSpeed's shared-memory all-reduce buffer; the mapping stays.
+
+    On the CPU, DeepSpeed's shm comm op gives every rank a 69 MB segment in /dev/shm and never
+    unlinks it, so each run, finished or killed, leaves them behind in RAM. Once every rank has
+    mapped its peers' segments (they are mapped inside init_distributed, hence the barrier), the
+    names are no longer needed, and unlinking them now means the kernel frees the memory when the
+    processes exit, however they exit.
+    """
+    import torch.distributed as dist
+
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    dist.barrier()
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:  # no shm op on this machine, or not a single-node job
+        pass
 
 
 # Rank 0 alone tokenizes a dataset, converts a checkpoint or hashes a large one while the others
