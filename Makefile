@@ -11,7 +11,7 @@ RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup train test clean
+.PHONY: setup system-packages train test clean
 
 setup: $(VENV)/.bigtrain-setup
 
@@ -29,7 +29,18 @@ $(VENV)/.torch:
 	fi
 	touch $@
 
-$(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml
+# Debian packages some features need: libaio-dev for NVMe offload (DeepSpeed's async_io op).
+# Installed only where setup runs as root with apt and they are missing; elsewhere NVMe offload
+# says what to install when it is used.
+SYSTEM_PACKAGES := libaio-dev
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $$missing"; apt-get update -qq && apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml | system-packages
 	$(PIP) install -q -e ".[test]"
 	$(PY) -m bigtrain.prebuild
 	touch $@

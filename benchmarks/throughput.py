@@ -2,6 +2,10 @@
 
     python -m benchmarks.throughput                 # default set: about 10 minutes on a 2-core CPU
     python -m benchmarks.throughput --quick         # seconds; what the test suite runs
+    python -m benchmarks.throughput                 # on a CUDA machine: llama_1b, bf16, every GPU
+
+On a GPU the defaults become model=llama_1b (1.2B), bf16 with PyTorch's SDPA attention (the flash
+kernel on H100), micro-batch 8 x 2048 tokens per GPU.
 
 Three ways, interleaved over --repeats rounds so that machine noise hits them alike:
   (a) bigtrain: `deepspeed --module bigtrain.train` with the model, batch and ZeRO stage below;
@@ -137,6 +141,38 @@ print(json.dumps({{"tokens_per_s": {global_batch * seq_len} / step_time, "step_t
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def profile_plain(run_dir: str, global_batch: int, seq_len: int) -> dict:
+    """Where the time of one plain-PyTorch step goes: torch.profiler's top operators by self CPU time."""
+    code = f"""
+import json, torch
+from torch.profiler import profile, ProfilerActivity
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = OmegaConf.load({str(Path(run_dir) / 'config.yaml')!r})
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.model.family, **cfg.model.hf_config))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step():
+    ids = torch.randint(0, model.config.vocab_size, ({global_batch}, {seq_len}))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(3):
+        step()
+events = prof.key_averages()
+total = sum(e.self_cpu_time_total for e in events)
+top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+print(json.dumps({{"matmul_share": matmul / total,
+                  "top_ops": [{{"op": e.key, "share": e.self_cpu_time_total / total}} for e in top]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def zero_model_state_gb(params: int, stage: int, dp: int) -> float:
     """ZeRO paper, fp32 training with Adam: 4 (weights) + 4 (gradients) + 8 (two moments) bytes per
     parameter; stage 1 divides the moments, stage 2 also the gradients, stage 3 everything by dp."""
@@ -154,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--zero", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", nargs="+", help="model overrides (default: a width-512 Llama on the CPU, "
+                        "model=llama_1b on a GPU)")
+    parser.add_argument("--micro-batch", type=int, help="default: 4 on the CPU, 8 on a GPU")
+    parser.add_argument("--seq-len", type=int, help="default: 128 on the CPU, 2048 on a GPU")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (a multiple of 10)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (a multiple of 10)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -166,10 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MODEL
+    on_gpu = device == "cuda"
+    model = args.model or (["model=llama_1b"] if on_gpu else MODEL)
+    args.micro_batch = args.micro_batch or (8 if on_gpu else 4)
+    args.seq_len = args.seq_len or (2048 if on_gpu else 128)
     precision = "precision=bf16" if device == "cuda" else "precision=fp32"
     if args.quick:
-        model = ["model=tiny_llama"]
+        model = args.model or ["model=tiny_llama"]
         args.micro_batch, args.seq_len, args.steps, args.warmup, args.repeats = 2, 32, 10, 0, 1
     overrides = [*model, precision, f"zero=stage{args.zero}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.seq_len={args.seq_len}", f"train.max_steps={args.warmup + args.steps}",
@@ -209,6 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {"bigtrain / raw DeepSpeed": comparison["bigtrain"]["tokens_per_s"] / comparison["raw_deepspeed"]["tokens_per_s"],
               "bigtrain / plain PyTorch": comparison["bigtrain"]["tokens_per_s"] / comparison["plain_pytorch"]["tokens_per_s"]}
 
+    profile = profile_plain(a["run_dir"], args.micro_batch * args.ranks, args.seq_len)
+    targets = [
+        {"target": "bigtrain / raw DeepSpeed tokens/s >= 0.97", "measured": f"{ratios['bigtrain / raw DeepSpeed']:.2f}",
+         "met": ratios["bigtrain / raw DeepSpeed"] >= 0.97},
+        {"target": f"achieved FLOP/s >= {'50% MFU' if device == 'cuda' else '60% of the measured matmul peak'}",
+         "measured": f"{comparison['bigtrain']['mfu']:.1%}",
+         "met": comparison["bigtrain"]["mfu"] >= (0.5 if device == "cuda" else 0.6)},
+    ]
+    if device == "cpu":
+        targets.append({"target": f"{args.ranks} CPU ranks >= 90% of one plain PyTorch process",
+                        "measured": f"{ratios['bigtrain / plain PyTorch']:.0%}",
+                        "met": ratios["bigtrain / plain PyTorch"] >= 0.9})
+
     sweep = []
     if not args.no_sweep and not args.quick:
         for stage, offload in SWEEP:
@@ -230,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ranks": args.ranks, "zero": args.zero, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
         "global_batch": args.micro_batch * args.ranks, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "peak_tflops": peak, "flops_per_token": fpt,
-        "comparison": comparison, "ratios": ratios, "sweep": sweep,
+        "comparison": comparison, "ratios": ratios, "targets": targets, "profile": profile, "sweep": sweep,
     }
     print(_markdown(result))
     if not args.quick:
@@ -259,6 +313,12 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {way} | {row['tokens_per_s']:,.0f} | {row['step_time_s'] * 1000:.0f} ms | "
                      f"{row['tflops']:.3f} | {row['mfu']:.1%} | {row['peak_mem_gb']:.2f} GB | {first} |")
     lines += [""] + [f"- {name}: **{value:.2f}**" for name, value in r["ratios"].items()]
+    lines += ["", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**missed**'} |" for t in r["targets"]]
+    prof = r["profile"]
+    lines += ["", f"Where a plain-PyTorch step's time goes (torch.profiler, self CPU time): matrix multiplies "
+                  f"(mm, addmm, bmm) {prof['matmul_share']:.0%}; top operators: " + ", ".join(
+                      f"{o['op']} {o['share']:.0%}" for o in prof["top_ops"][:8]) + "."]
     if r["sweep"]:
         lines += ["", "| ZeRO | offload | bigtrain tokens/s | peak memory / rank | model states / rank "
                       "(measured) | ZeRO formula |", "|---|---|---|---|---|---|"]

@@ -140,6 +140,7 @@ class Checkpointer:
         ckpt = cfg.checkpoint
         self.dir = checkpoint_dir(cfg)
         self.interval = ckpt.interval
+        self.save_final = ckpt.save_final
         self.keep = ckpt.keep
         self.resume_from = ckpt.resume
         self.verify_checksums = ckpt.verify_checksums

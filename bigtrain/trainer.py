@@ -138,7 +138,7 @@ class Trainer:
             healthy = self.consecutive_skips == 0
             if self.checkpointer.due(completed) and completed < self.max_steps and healthy:
                 self._save(completed)
-        if start_step < self.max_steps:
+        if start_step < self.max_steps and self.checkpointer.save_final:
             self._save(self.max_steps)
         return TrainOutcome(completed, last_loss)
 

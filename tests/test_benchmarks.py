@@ -23,4 +23,23 @@ def test_throughput_benchmark_quick(tmp_path):
     assert result["peak_tflops"] > 0
     assert set(result["ratios"]) == {"bigtrain / raw DeepSpeed", "bigtrain / plain PyTorch"}
     assert result["comparison"]["bigtrain"]["time_to_first_step_s"] > 0
-    assert "| bigtrain |" in (markdown := throughput_markdown(result)) and "bigtrain / raw DeepSpeed" in markdown
+    assert 0 < result["profile"]["matmul_share"] < 1 and result["profile"]["top_ops"]
+    assert len(result["targets"]) == 3 and all(isinstance(t["met"], bool) for t in result["targets"])
+    markdown = throughput_markdown(result)
+    assert "| bigtrain |" in markdown and "bigtrain / raw DeepSpeed" in markdown and "torch.profiler" in markdown
+
+
+def test_largest_model_parameter_count():
+    """The search sizes its models by this count; it must be the count transformers builds."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks.largest_model import llama_params
+
+    for layers in (1, 3):
+        config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                             tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert llama_params(layers) == sum(p.numel() for p in model.parameters())

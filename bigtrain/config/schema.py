@@ -122,6 +122,9 @@ class CheckpointConfig:
     """Checkpoint folder, relative to run_dir unless absolute."""
     interval: int = 0
     """Save every this many steps; 0 saves only at the end."""
+    save_final: bool = True
+    """Save when the run reaches train.max_steps. Off for throughput and memory benchmarks, where a
+    multi-GB save would only cost time (a stop on a signal still saves)."""
     keep: int = 3
     """Keep this many newest checkpoints."""
     resume: str = "auto"

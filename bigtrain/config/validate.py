@@ -4,6 +4,7 @@ Each check raises ConfigError with one paragraph: what is wrong, the value seen,
 Checks that need the model's or tokenizer's config read only those small files, never weights.
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -142,6 +143,23 @@ def _check_zero_and_offload(cfg: DictConfig) -> None:
                 f"NVMe offload needs offload.nvme_path to be an existing folder on a fast disk; got "
                 f"{off.nvme_path!r}. Create the folder and pass offload.nvme_path=/path/to/it."
             )
+        if not _has_libaio():
+            raise ConfigError(
+                "NVMe offload needs libaio (DeepSpeed's async_io op is compiled against it on first use), "
+                "and neither libaio.h nor libaio.so was found. Install it (Debian/Ubuntu: apt-get install "
+                "libaio-dev; RHEL: dnf install libaio-devel; `make setup` does this when run as root), or "
+                "use offload=full to offload to CPU memory instead."
+            )
+
+
+def _has_libaio() -> bool:
+    import ctypes.util
+
+    include_dirs = ["/usr/include", "/usr/local/include"]
+    if "CONDA_PREFIX" in os.environ:
+        include_dirs.append(os.path.join(os.environ["CONDA_PREFIX"], "include"))
+    has_header = any(Path(d, "libaio.h").exists() for d in include_dirs)
+    return has_header and ctypes.util.find_library("aio") is not None
 
 
 def _check_precision(cfg: DictConfig) -> None:
