@@ -233,12 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bigtrain.config import compose
     from bigtrain.metrics import flops_per_token
-    from bigtrain.models import build_model, matmul_parameters
+    from bigtrain.models import model_shape
 
     cfg = compose([*overrides, "run_dir=/tmp/unused"])
-    net = build_model(cfg.model, 0)
-    params = sum(p.numel() for p in net.parameters())
-    fpt = flops_per_token(matmul_parameters(net), net.config.num_hidden_layers, net.config.hidden_size, args.seq_len)
+    shape = model_shape(cfg.model)
+    params = shape.parameters
+    fpt = flops_per_token(shape.matmul_parameters, shape.num_layers, shape.hidden_size, args.seq_len)
     comparison = {}
     for way in ("bigtrain", "raw_deepspeed", "plain_pytorch"):
         tps = mean(way, "tokens_per_s")

@@ -1,10 +1,12 @@
 """Build Hugging Face causal-LM models from a `model` config: any `transformers` family or a local folder."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.initialization import no_init_weights
 
 from bigtrain.config.errors import ConfigError
 
@@ -33,19 +35,70 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def build_model(model_cfg: DictConfig, seed: int) -> torch.nn.Module:
+def build_model(model_cfg: DictConfig, seed: int, ds_config: dict | None = None) -> torch.nn.Module:
     """Instantiate the model in fp32 on the CPU; the DeepSpeed engine moves and casts it.
 
-    Random init is seeded so every rank (and a single-process reference) starts from the same weights.
+    Under ZeRO-3 (`ds_config` given with stage 3) the model is built already partitioned, through
+    transformers' DeepSpeed integration (deepspeed.zero.Init): no rank ever holds the whole model, so
+    a model larger than one rank's memory, offloaded to CPU or NVMe, can be built at all.
+
+    A fresh model is initialised by transformers' own init, run once from `seed` after construction
+    (torch's default init is skipped): the same weights whether or not the model is partitioned,
+    on every rank and in a single-process reference.
     """
     config = build_model_config(model_cfg)
     attn = model_cfg.attn_implementation
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        _keep_zero3_config(ds_config)
     if model_cfg.pretrained:
         return AutoModelForCausalLM.from_pretrained(
             model_cfg.pretrained, dtype=torch.float32, attn_implementation=attn
         )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    if zero3:  # transformers skips torch's init and runs its own, gathered module by module
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    model.init_weights()
+    return model
+
+
+_zero3_config = None
+
+
+def _keep_zero3_config(ds_config: dict) -> None:
+    """transformers partitions models at construction while an HfDeepSpeedConfig is alive (it keeps
+    only a weak reference); keep it for the life of the process, as its ZeRO-3 code paths (loading,
+    generation) consult it later too."""
+    global _zero3_config
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _zero3_config = HfDeepSpeedConfig(ds_config)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What throughput and FLOP accounting need to know of a model, whatever its layout."""
+
+    parameters: int
+    matmul_parameters: int
+    num_layers: int
+    hidden_size: int
+
+
+def model_shape(model_cfg: DictConfig) -> ModelShape:
+    """The whole model's sizes, from a weightless (meta-device) copy built from the config: counts do
+    not depend on how the trained copy is partitioned (ZeRO-3), split into stages or sharded."""
+    config = build_model_config(model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return ModelShape(
+        parameters=sum(p.numel() for p in model.parameters()),
+        matmul_parameters=matmul_parameters(model),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+    )
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:

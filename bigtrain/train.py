@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import build_engine
     from bigtrain.metrics import MetricsWriter, flops_per_token
-    from bigtrain.models import build_model, matmul_parameters
+    from bigtrain.models import build_model, model_shape
     from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
     from bigtrain.trainer import NonFiniteError, Trainer
     from bigtrain.watchdog import Watchdog
@@ -98,11 +98,10 @@ def run(cfg: DictConfig) -> TrainResult:
         ds_config["checkpoint"] = {"load_universal": True}
     write_ds_config(run_dir, ds_config, ranks.is_main)
 
-    model = build_model(cfg.model, cfg.seed)
-    flops = flops_per_token(
-        matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.train.seq_len
-    )
-    log.info("model %s: %.1fM parameters", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6)
+    shape = model_shape(cfg.model)
+    flops = flops_per_token(shape.matmul_parameters, shape.num_layers, shape.hidden_size, cfg.train.seq_len)
+    log.info("model %s: %.1fM parameters", cfg.model.name, shape.parameters / 1e6)
+    model = build_model(cfg.model, cfg.seed, ds_config)
     _phase(watchdog, "preparing data")
     try:
         with rank_zero_first():
