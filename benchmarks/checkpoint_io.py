@@ -27,6 +27,7 @@ from bigtrain.config.deepspeed import to_deepspeed_config
 from bigtrain.distributed import init_distributed, select_accelerator
 from bigtrain.engine import build_engine
 from bigtrain.models import build_model
+from bigtrain.parallel.topology import Layout
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,7 +70,7 @@ def main() -> None:
     engine.backward(engine(input_ids=ids, labels=ids).loss)  # optimizer states exist after one step
     engine.step()
 
-    checkpointer = Checkpointer(cfg, ranks.rank, ranks.world_size, ranks.world_size)
+    checkpointer = Checkpointer(cfg, ranks.rank, Layout.of(cfg, ranks.world_size))
     checkpointer.attach(engine)
     dist.barrier()
     start = time.perf_counter()

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from bigtrain.config.errors import ConfigError
 from bigtrain.distributed import long_wait_group
+from bigtrain.parallel.topology import Layout
 
 log = logging.getLogger("bigtrain")
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -58,6 +59,8 @@ class ResumePoint:
     world_size: int
     dp_size: int
     zero_stage: int
+    pipeline: int = 1
+    tensor: int = 1
     universal_path: str | None = None  # set when loaded through a universal conversion
 
 
@@ -136,7 +139,7 @@ def read_manifest(tag_dir: Path) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, cfg: DictConfig, rank: int, world_size: int, dp_size: int):
+    def __init__(self, cfg: DictConfig, rank: int, layout: Layout):
         ckpt = cfg.checkpoint
         self.dir = checkpoint_dir(cfg)
         self.interval = ckpt.interval
@@ -147,8 +150,9 @@ class Checkpointer:
         self.zero_stage = cfg.zero.stage
         self.seed = cfg.seed
         self.rank = rank
-        self.world_size = world_size
-        self.dp_size = dp_size
+        self.layout = layout
+        self.world_size = layout.world_size
+        self.dp_size = layout.data
         self.engine = None
 
     @property
@@ -193,6 +197,8 @@ class Checkpointer:
             "world_size": self.world_size,
             "dp_size": self.dp_size,
             "zero_stage": self.zero_stage,
+            "pipeline": self.layout.pipeline,
+            "tensor": self.layout.tensor,
         }
         error = None
         if self.is_main and tag_dir.exists():  # left by a run that went further from an older point
@@ -334,10 +340,27 @@ class Checkpointer:
             world_size=manifest["world_size"],
             dp_size=manifest["dp_size"],
             zero_stage=manifest["zero_stage"],
+            pipeline=manifest.get("pipeline", 1),
+            tensor=manifest.get("tensor", 1),
         )
+        self._check_layout(tag_dir, point)
         if point.dp_size != self.dp_size and point.zero_stage > 0:
             point.universal_path = str(self._convert_to_universal(tag_dir, point))
         return point
+
+    def _check_layout(self, tag_dir: Path, point: ResumePoint) -> None:
+        """Model-parallel checkpoints hold per-stage or per-shard files that only the same
+        pipeline x tensor layout can load."""
+        model_parallel = (point.pipeline, point.tensor) != (1, 1) or self.layout.pipeline * self.layout.tensor > 1
+        saved = Layout(point.dp_size, point.pipeline, point.tensor)
+        if model_parallel and saved != self.layout:
+            raise ConfigError(
+                f"Checkpoint {tag_dir} was saved with {saved.describe()}, this run has "
+                f"{self.layout.describe()}. A pipeline- or tensor-parallel checkpoint resumes only on the "
+                f"same layout: relaunch with {saved.world_size} ranks and parallel.pipeline={point.pipeline} "
+                f"parallel.tensor={point.tensor}, or export it (`bigtrain export`) and start a new run from "
+                "the exported model (model.pretrained=PATH)."
+            )
 
     def _convert_to_universal(self, tag_dir: Path, point: ResumePoint) -> Path:
         """ZeRO shards optimizer state by data-parallel rank, so DeepSpeed cannot load a checkpoint

@@ -1,4 +1,5 @@
-"""Wrap a model in a DeepSpeed engine built from the derived config."""
+"""Wrap a model in a DeepSpeed engine built from the derived config: a PipelineEngine over the
+model's stages when parallel.pipeline > 1; DeepSpeed shards it for tensor parallelism itself."""
 
 import deepspeed
 from omegaconf import DictConfig
@@ -7,6 +8,10 @@ from bigtrain.schedule import build_scheduler
 
 
 def build_engine(model, ds_config: dict, cfg: DictConfig):
+    if cfg.parallel.pipeline > 1:
+        from bigtrain.parallel.pipeline import build_pipeline_module
+
+        model = build_pipeline_module(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -26,9 +26,9 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None) -> Path:
         raise ConfigError(f"{run_dir} is not a bigtrain run dir (no config.yaml). Pass the run_dir of a run.")
     cfg = OmegaConf.load(run / "config.yaml")
     tag_dir = _pick_checkpoint(cfg, checkpoint)
-    state_dict = fp32_state_dict(tag_dir)
-
     model = AutoModelForCausalLM.from_config(build_model_config(cfg.model), dtype=torch.float32)
+    state_dict = fp32_state_dict(tag_dir, model)
+
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {name for name in missing if has_tied_output(model) and name.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
@@ -61,8 +61,15 @@ def _pick_checkpoint(cfg, checkpoint: str | None) -> Path:
     return tag_dir
 
 
-def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint folder of any ZeRO stage."""
+def fp32_state_dict(tag_dir: Path, model=None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint folder of any ZeRO stage or pipeline layout,
+    named as in `model` (needed for pipeline checkpoints only; its own weights are not read)."""
+    if any(tag_dir.glob("layer_*-model_states.pt")):
+        # Pipeline stages save each layer's module weights in a file of its own. In fp32 these are the
+        # master weights; a bf16 run's are its bf16 weights (the fp32 masters are not gathered).
+        from bigtrain.parallel.pipeline import hf_state_dict_from_layers
+
+        return hf_state_dict_from_layers(tag_dir, model)
     if not any(tag_dir.glob("*optim_states.pt")):
         # ZeRO-0 in fp32: the module's own weights are the master weights. (Mixed precision writes
         # its fp32 master copy to *optim_states.pt files even at stage 0, handled below.)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from bigtrain import exit_codes
 from bigtrain.config import ConfigError, compose
-from bigtrain.config.validate import data_parallel_size, resolve_device, validate
+from bigtrain.config.validate import resolve_device, validate
 from bigtrain.distributed import ranks_from_env, select_accelerator
 
 log = logging.getLogger("bigtrain")
@@ -70,21 +70,23 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.engine import build_engine
     from bigtrain.metrics import MetricsWriter, flops_per_token
     from bigtrain.models import build_model, model_shape
+    from bigtrain.parallel.topology import Layout
     from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
     from bigtrain.trainer import NonFiniteError, Trainer
     from bigtrain.watchdog import Watchdog
 
     ranks = init_distributed(cfg.fault.collective_timeout_s)
-    dp_size = data_parallel_size(cfg, ranks.world_size)
+    layout = Layout.of(cfg, ranks.world_size)
+    dp_size = layout.data
     run_dir = prepare_run_dir(cfg, ranks.is_main)
     setup_logging(run_dir, ranks.is_main, cfg.logging.deepspeed_level)
-    log.info("run dir %s, %d rank(s) on %s", run_dir, ranks.world_size, device)
+    log.info("run dir %s, %d rank(s) on %s (%s)", run_dir, ranks.world_size, device, layout.describe())
     watchdog = None
     if cfg.fault.hang_timeout_s > 0:
         watchdog = Watchdog(run_dir, ranks.rank, ranks.world_size, cfg.fault.hang_timeout_s)
         watchdog.start()
 
-    checkpointer = Checkpointer(cfg, ranks.rank, ranks.world_size, dp_size)
+    checkpointer = Checkpointer(cfg, ranks.rank, layout)
     try:
         _phase(watchdog, "loading checkpoint")
         resume = checkpointer.find_resume_point()
@@ -111,7 +113,7 @@ def run(cfg: DictConfig) -> TrainResult:
             micro_batch_size=cfg.train.micro_batch_size,
             grad_accum=cfg.train.grad_accum,
             dp_size=dp_size,
-            dp_rank=ranks.rank // (ranks.world_size // dp_size),
+            dp_rank=layout.data_rank(ranks.rank),
             seed=cfg.seed,
         )
     except ConfigError as err:  # found only once the data is read; every rank finds the same

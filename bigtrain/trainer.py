@@ -98,6 +98,7 @@ class Trainer:
         self.slow_save_s = inject_slow_save_s if self.rank == 0 else 0.0
         self.compute_time = 0.0  # this rank's data + forward time in the current logging window
         self.grad_accum = engine.gradient_accumulation_steps()
+        self.pipelined = hasattr(engine, "train_batch")  # a PipelineEngine runs whole steps itself
         self.stop_signal = StopSignal()
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -160,6 +161,8 @@ class Trainer:
         no optimizer step, weights unchanged); a later non-finite micro-batch is left out of the
         step's gradient.
         """
+        if self.pipelined:
+            return self._pipeline_step(step)
         total = torch.zeros((), device=self.engine.device)
         nonfinite_loss = False
         for micro in range(self.grad_accum):
@@ -191,6 +194,25 @@ class Trainer:
         overflow = not self.engine.was_step_applied()
         skipped = overflow and (nonfinite_loss or not self.engine.fp16_enabled())
         return total / self.grad_accum, skipped
+
+    def _pipeline_step(self, step: int) -> tuple[torch.Tensor, bool]:
+        """One step of DeepSpeed's pipeline schedule: train_batch streams the grad_accum micro-batches
+        through the stages, forward and backward, then steps the optimizer, and returns the mean loss
+        on every rank. The loss is known only once the update is made, so a non-finite one cannot be
+        kept out of it: unless DeepSpeed skipped the step itself, the run stops (NonFiniteError)."""
+        micro_batches = (self.loader.micro_batch(step, m) for m in range(self.grad_accum))
+        loss = self.engine.train_batch(data_iter=((ids, ids) for ids in micro_batches))
+        if self.watchdog is not None:
+            self.watchdog.progress()
+        skipped = not self.engine.was_step_applied()
+        if not skipped and not torch.isfinite(loss).all():
+            raise NonFiniteError(
+                f"Step {step + 1} had a non-finite loss, and under pipeline parallelism its update was "
+                "applied before the loss was known, so the weights are not trustworthy; training stopped "
+                f"without saving. The last checkpoint ({self.checkpointer.latest()}) is intact: relaunch "
+                "to resume from it, with a lower optimizer.lr or optimizer.grad_clip."
+            )
+        return loss.detach(), skipped
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         flag = self._device_flag[:1]

@@ -102,6 +102,7 @@ def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, tmp
 def test_keep_last_k_spares_the_only_valid_and_in_progress_checkpoints(tmp_path):
     from bigtrain.checkpoint import Checkpointer
     from bigtrain.config import compose
+    from bigtrain.parallel.topology import Layout
 
     ckpt = tmp_path / "checkpoints"
     for step, complete in ((1, False), (2, True), (3, True), (4, False)):
@@ -109,7 +110,8 @@ def test_keep_last_k_spares_the_only_valid_and_in_progress_checkpoints(tmp_path)
         tag.mkdir(parents=True)
         if complete:
             (tag / MANIFEST).write_text("{}")
-    checkpointer = Checkpointer(compose([f"checkpoint.dir={ckpt}", "checkpoint.keep=1"]), 0, 1, 1)
+    cfg = compose([f"checkpoint.dir={ckpt}", "checkpoint.keep=1"])
+    checkpointer = Checkpointer(cfg, 0, Layout(data=1, pipeline=1, tensor=1))
     checkpointer._prune(keep_always=ckpt / "step_00000003")
     # step 4 may still be being written; step 3 is the newest complete one; 1 and 2 are older.
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000004"]

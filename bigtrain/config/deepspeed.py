@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config.validate import data_parallel_size, resolve_device
+from bigtrain.parallel.tensor import tensor_parallel_section
 
 
 def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
@@ -20,7 +21,9 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * dp,
+        # DeepSpeed checks this against the data-parallel size it knows when it reads the config:
+        # the pipeline grid's data axis, but under AutoTP every rank (its groups come later).
+        "train_batch_size": train.micro_batch_size * train.grad_accum * dp * cfg.parallel.tensor,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": _zero(cfg),
         "optimizer": _optimizer(cfg, on_gpu),
@@ -30,6 +33,8 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.tensor > 1:
+        ds["tensor_parallel"] = tensor_parallel_section(cfg.parallel.tensor)
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {
             "enabled": True,

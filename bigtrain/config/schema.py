@@ -69,9 +69,17 @@ class PrecisionConfig:
 @dataclass
 class ParallelConfig:
     pipeline: int = 1
-    """Pipeline-parallel degree."""
+    """Pipeline-parallel degree: the model is cut into this many stages, one per rank of a pipeline
+    (DeepSpeed PipelineModule; ZeRO-0 or -1). Micro-batches per step: train.grad_accum."""
     tensor: int = 1
-    """Tensor-parallel degree."""
+    """Tensor-parallel degree: every weight matrix is sharded over this many ranks (DeepSpeed AutoTP)."""
+    pipeline_partition: str = "parameters"
+    """How layers are assigned to pipeline stages: parameters (balance parameter counts), uniform
+    (balance layer counts) or type:REGEX (balance layers whose class name matches, e.g.
+    type:DecoderLayer)."""
+    activation_checkpoint_interval: int = 0
+    """Pipeline only: recompute activations in the backward pass in groups of this many layers,
+    trading compute for memory; 0 keeps all activations."""
 
 
 @dataclass

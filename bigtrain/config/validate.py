@@ -90,16 +90,47 @@ def _check_positive(cfg: DictConfig) -> None:
 
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
     pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
-    if pp > 1 or tp > 1:
-        raise ConfigError(
-            f"parallel.pipeline={pp} and parallel.tensor={tp}: this release trains with data "
-            "parallelism only. Set parallel.pipeline=1 parallel.tensor=1 and scale with more ranks "
-            "and ZeRO (zero=stage3) instead."
-        )
     if world_size % (pp * tp):
         raise ConfigError(
-            f"{world_size} processes cannot be split into pipeline={pp} x tensor={tp} groups. "
-            f"Launch a multiple of {pp * tp} processes or change parallel.pipeline/parallel.tensor."
+            f"{world_size} processes cannot be split into pipeline={pp} x tensor={tp} groups "
+            f"(world = data x pipeline x tensor). Launch a multiple of {pp * tp} processes or change "
+            "parallel.pipeline/parallel.tensor."
+        )
+    if pp > 1 and tp > 1:
+        raise ConfigError(
+            f"parallel.pipeline={pp} with parallel.tensor={tp}: DeepSpeed's tensor parallelism (AutoTP) "
+            "builds a two-axis data x tensor grid and cannot be nested inside pipeline stages. Combine "
+            "either one with data parallelism: parallel.tensor=1 or parallel.pipeline=1."
+        )
+    if pp > 1 and cfg.zero.stage >= 2:
+        raise ConfigError(
+            f"parallel.pipeline={pp} with zero=stage{cfg.zero.stage}: ZeRO-2 and ZeRO-3 partition "
+            "gradients, which pipeline parallelism cannot work with (DeepSpeed refuses it). Use zero=stage1 "
+            "(or stage0) with pipeline parallelism."
+        )
+    if pp > 1 and cfg.zero.stage == 0 and cfg.optimizer.grad_clip > 0:
+        raise ConfigError(
+            f"parallel.pipeline={pp} with zero=stage0 and optimizer.grad_clip={cfg.optimizer.grad_clip}: "
+            "at ZeRO-0 DeepSpeed clips each pipeline stage by its own gradient norm instead of the whole "
+            "model's, so training would drift from what the config says. Use zero=stage1 (which clips by "
+            "the global norm), or optimizer.grad_clip=0."
+        )
+    method = cfg.parallel.pipeline_partition
+    if method not in ("parameters", "uniform") and not (method.startswith("type:") and len(method) > 5):
+        raise ConfigError(
+            f"parallel.pipeline_partition={method!r} is not a partition method. Use parameters, uniform, "
+            "or type:REGEX to balance the layers whose class name matches REGEX (e.g. type:DecoderLayer)."
+        )
+    if cfg.parallel.activation_checkpoint_interval < 0:
+        raise ConfigError(
+            f"parallel.activation_checkpoint_interval must be 0 or more, got "
+            f"{cfg.parallel.activation_checkpoint_interval}. Use 0 to keep all activations."
+        )
+    if cfg.parallel.activation_checkpoint_interval > 0 and pp == 1:
+        raise ConfigError(
+            f"parallel.activation_checkpoint_interval={cfg.parallel.activation_checkpoint_interval} "
+            "applies to pipeline stages, but parallel.pipeline=1. Set parallel.pipeline>1, or leave the "
+            "interval at 0."
         )
     dp = data_parallel_size(cfg, world_size)
     mb, ga, gbs = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size
@@ -242,6 +273,7 @@ def _check_model_and_tokenizer(cfg: DictConfig) -> None:
             f"train.seq_len={cfg.train.seq_len} is longer than model {cfg.model.name} supports "
             f"({limit} positions). Lower train.seq_len to at most {limit}."
         )
+    _check_model_parallel(cfg, model_config)
     tokenizer_size = len(load_tokenizer(cfg.data.tokenizer))
     if tokenizer_size > model_config.vocab_size:
         raise ConfigError(
@@ -251,3 +283,38 @@ def _check_model_and_tokenizer(cfg: DictConfig) -> None:
             "larger), or use a tokenizer that matches the model."
         )
 
+
+
+def _check_model_parallel(cfg: DictConfig, model_config) -> None:
+    """Pipeline and tensor degrees against the model's shape."""
+    pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
+    family, name = model_config.model_type, cfg.model.name
+    if pp > 1:
+        from bigtrain.parallel.pipeline import check_pipeline_support, layer_type_names
+
+        check_pipeline_support(family)
+        layers = model_config.num_hidden_layers
+        if layers < pp:
+            raise ConfigError(
+                f"parallel.pipeline={pp} stages need at least {pp} decoder layers, but model {name} has "
+                f"{layers}. Lower parallel.pipeline to at most {layers}."
+            )
+        method = cfg.parallel.pipeline_partition
+        if method.startswith("type:"):
+            import re
+
+            names = layer_type_names(family, layers)
+            try:
+                matched = [n for n in names if re.search(method[5:], n, re.IGNORECASE)]
+            except re.error as err:
+                raise ConfigError(f"parallel.pipeline_partition={method!r}: bad regular expression ({err}).") from None
+            if len(matched) < pp:
+                raise ConfigError(
+                    f"parallel.pipeline_partition={method!r} matches {len(matched)} layer(s) of model "
+                    f"{name}, fewer than the {pp} stages. Its layers are {sorted(set(names))}; match the "
+                    "decoder layers (e.g. type:DecoderLayer) or use parameters."
+                )
+    if tp > 1:
+        from bigtrain.parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(model_config, name, tp)
