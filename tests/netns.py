@@ -13,6 +13,7 @@ still running inside the namespaces included. Needs root (creating namespaces) a
 Debian's openssh-server.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -60,17 +61,10 @@ class TwoHosts:
 
     def link_bytes(self) -> int:
         """Bytes sent plus received on host 0's end of the link since it was created."""
-        with open(f"/proc/{self._probe_pid()}/net/dev") as dev:
-            for line in dev:
-                name, _, fields = line.partition(":")
-                if name.strip() == self.interface:
-                    values = fields.split()
-                    return int(values[0]) + int(values[8])  # rx bytes, tx bytes
-        raise RuntimeError(f"interface {self.interface} not found in namespace {self.hosts[0].namespace}")
-
-    def _probe_pid(self) -> int:
-        # /proc/PID/net/dev shows the interfaces of PID's network namespace; host 0's sshd lives there.
-        return self.sshd_pids[0] if self.sshd_pids else self.hosts[0].pids()[0]
+        out = subprocess.run(["ip", "-n", self.hosts[0].namespace, "-s", "-j", "link", "show", "dev", self.interface],
+                             check=True, capture_output=True, text=True).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return stats["rx"]["bytes"] + stats["tx"]["bytes"]
 
     def kill_host_processes(self, host: Host, sig: int = signal.SIGKILL) -> list[int]:
         """Kill what runs on `host` except its sshd (a crashed node's jobs, with the node still up)."""
@@ -134,8 +128,9 @@ def two_hosts(work_dir: Path, ssh: bool = True, rate_mbit: float | None = None) 
 
 
 def limit_rate(host: Host, interface: str, rate_mbit: float) -> None:
-    """Cap what `host` sends on the link with a token bucket (this kernel has no netem for delays).
-    The bucket holds 10 ms of traffic, at least 16 KiB, so that the cap is kept without stalls."""
+    """Cap what `host` sends on the link with a token bucket (tbf: netem, which could also add delay,
+    is missing from some kernels, this machine's included). The bucket holds 10 ms of traffic, at
+    least 16 KiB, so that the cap is kept without stalls."""
     burst = max(16384, int(rate_mbit * 1e6 / 8 / 100))
     host.run(["tc", "qdisc", "replace", "dev", interface, "root", "tbf",
               "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"])
