@@ -60,7 +60,7 @@ def read_hostfile(path: str | Path) -> list[HostEntry]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"Hostfile {str(path)!r} does not exist. Write one with {FORMAT_HINT}, or pass the right path."
+            f"Hostfile {str(path)!r} does not exist. Pass the right path, or write one with {FORMAT_HINT}."
         )
     return parse_hostfile(path.read_text(), str(path))
 
@@ -137,7 +137,7 @@ def check_node_rank(hosts: list[HostEntry], node_rank: int, source: str = "hostf
         raise ConfigError(
             f"Node rank {node_rank} does not fit hostfile {source}, which lists {len(hosts)} hosts: "
             f"give each node its position in the hostfile, 0 to {len(hosts) - 1} (0 is "
-            f"{hosts[0].name}, which must also be the master address)."
+            f"{hosts[0].name}, the node where the ranks meet)."
         )
 
 

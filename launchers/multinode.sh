@@ -24,7 +24,7 @@ hostfile=$(realpath -- "$1") || exit 2
 shift
 cd "$(dirname "$0")/.."
 VENV=$(realpath -- "${VENV:-.venv}")
-MASTER_ADDR=${MASTER_ADDR:-$(awk '{sub(/#.*/, "")} NF {print $1; exit}' "$hostfile")}
+MASTER_ADDR=${MASTER_ADDR:-$(awk '{sub(/#.*/, "")} NF {print $1; exit}' "$hostfile" 2>/dev/null)}
 MASTER_PORT=${MASTER_PORT:-29500}
 ssh_port=(${SSH_PORT:+--ssh-port "$SSH_PORT"})
 

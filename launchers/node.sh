@@ -18,7 +18,7 @@ node_rank=$2
 shift 2
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-MASTER_ADDR=${MASTER_ADDR:-$(awk '{sub(/#.*/, "")} NF {print $1; exit}' "$hostfile")}
+MASTER_ADDR=${MASTER_ADDR:-$(awk '{sub(/#.*/, "")} NF {print $1; exit}' "$hostfile" 2>/dev/null)}
 MASTER_PORT=${MASTER_PORT:-29500}
 
 "$VENV/bin/python" -m bigtrain.cli hosts --no-ssh --node-rank "$node_rank" --master-addr "$MASTER_ADDR" \

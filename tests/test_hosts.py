@@ -48,7 +48,7 @@ def test_good_hostfile_keeps_order_comments_and_slots():
 
 
 def test_missing_hostfile(tmp_path):
-    with pytest.raises(ConfigError, match=r"Hostfile '.*/nope' does not exist\. Write one with one node per line"):
+    with pytest.raises(ConfigError, match=r"Hostfile '.*/nope' does not exist\. Pass the right path, or write one with one node per line"):
         read_hostfile(tmp_path / "nope")
 
 
