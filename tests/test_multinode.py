@@ -3,9 +3,8 @@
 The hostfile launch (launchers/multinode.sh: deepspeed -> pdsh -> ssh) reaches both nodes and
 trains across the link; a SIGTERM to it stops the ranks on every node with a checkpoint, and under
 launchers/restart.sh it survives one node's processes being killed: the job ends, is relaunched
-and resumes from the last checkpoint. The per-node launch
-(launchers/node.sh, no ssh) trains the same way. The launch check refuses to start where gloo would
-listen on loopback.
+and resumes from the last checkpoint. The per-node launch (launchers/node.sh, no ssh) trains the
+same way. The launch check refuses to start where gloo would listen on loopback.
 
 Tolerance: each step's loss is within 1e-4 of the single-process reference (tests/reference.py),
 the parity tolerance of tests/test_parity.py, for the same reason: two ranks on two namespaces
@@ -13,11 +12,12 @@ run the same arithmetic as two ranks on one (the same gloo all-reduce, now over 
 instead of loopback), so the only difference from the reference is the order of floating-point
 sums, a few 1e-6 after ten Adam steps.
 
-Proof that the gradients crossed the link: the bytes counted on the veth interface. ZeRO-2 on two
-ranks sends each rank's half of the gradient and receives the other half of the parameters every
-step, about 4 x N bytes through one end of the link per step for N fp32 parameters; the test asks
-for at least N x 4 bytes per step, which neither ssh nor the launcher's traffic (kilobytes) can make
-up, and which a rank using loopback would not produce at all.
+Proof that the gradients crossed the link: the bytes counted on the veth interface. Whatever the
+collective, two data-parallel ranks must each send the other at least half of the N fp32 gradients
+every step, so at least 4 x N bytes pass host 0's end of the link per step (sent plus received);
+the test asks for that (measured: about 12 x N, as ZeRO-2 all-reduces the gradients and gathers
+the updated parameters). Neither ssh nor the launchers' traffic (kilobytes) can make it up, and
+ranks talking over loopback would not produce it at all.
 """
 
 import re
