@@ -29,10 +29,12 @@ $(VENV)/.torch:
 	fi
 	touch $@
 
-# Debian packages some features need: libaio-dev for NVMe offload (DeepSpeed's async_io op).
+# Debian packages some features need: libaio-dev for NVMe offload (DeepSpeed's async_io op);
+# openssh-server, openssh-client and pdsh for multi-node launches over ssh (the two-node tests run
+# sshd in network namespaces; iproute2 gives them `ip` and `tc`).
 # Installed only where setup runs as root with apt and they are missing; elsewhere NVMe offload
-# says what to install when it is used.
-SYSTEM_PACKAGES := libaio-dev
+# says what to install when it is used, and the multi-node tests skip saying what is missing.
+SYSTEM_PACKAGES := libaio-dev openssh-server openssh-client pdsh iproute2
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

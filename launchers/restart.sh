@@ -5,6 +5,15 @@
 # works).
 #
 #   MAX_RESTARTS=3 launchers/restart.sh deepspeed --num_gpus 2 --module bigtrain.train zero=stage3
+#   MAX_RESTARTS=3 launchers/restart.sh launchers/multinode.sh hostfile zero=stage3
+#   MAX_RESTARTS=3 launchers/restart.sh launchers/node.sh hostfile NODE_RANK zero=stage3  (on every node)
+#   MAX_RESTARTS=3 sbatch launchers/slurm.sbatch zero=stage3                  (wraps srun in this)
+#
+# Multi-node: when a node dies, the ranks of the others fail their next collective and exit 5, so
+# the whole job ends and is relaunched on every node (per-node launches: each node's wrapper
+# relaunches its part, and the parts meet again at the master address). A relaunched
+# multinode.sh checks the hosts first: a node that stays unreachable is a launch-check failure
+# (exit 2) and ends the loop.
 #
 # Exit codes a relaunch cannot fix end the loop at once: 0 (done), 2 (bad config), 3 (repeated
 # non-finite losses: lower the learning rate first), 4 (a checkpoint could not be written: free
