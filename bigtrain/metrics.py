@@ -1,12 +1,16 @@
-"""Per-step training metrics: throughput, achieved FLOP/s, memory; written to metrics.jsonl,
-TensorBoard (through DeepSpeed's monitor) and a step line on rank 0."""
+"""Per-step training metrics: throughput, achieved FLOP/s and MFU, memory; written to metrics.jsonl,
+DeepSpeed's monitor (TensorBoard, CSV, W&B) and the progress display on rank 0."""
 
 import json
 import resource
-import sys
+import time
 from pathlib import Path
 
 import torch
+
+from bigtrain.monitor.progress import Progress
+from bigtrain.monitor.sinks import finish_wandb
+from bigtrain.monitor.system import SystemStats
 
 
 def flops_per_token(matmul_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
@@ -25,13 +29,21 @@ def peak_memory_gb(device: str) -> float:
 
 
 class MetricsWriter:
-    """Rank 0's sinks for one run: metrics.jsonl, TensorBoard events and the console."""
+    """Rank 0's sinks for one run: metrics.jsonl, DeepSpeed's monitor (TensorBoard, CSV, W&B as
+    configured) and the progress display. Adds to each step's record what only rank 0 knows: MFU,
+    its CPU (and GPU) use, elapsed time and the time left."""
 
-    def __init__(self, run_dir: str, monitor, max_steps: int, print_steps: bool):
+    def __init__(self, run_dir: str, monitor, max_steps: int, print_steps: bool, *,
+                 start_step: int = 0, peak_tflops: float | None = None, world_size: int = 1,
+                 system: SystemStats | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.monitor = monitor
         self.max_steps = max_steps
-        self.print_steps = print_steps
+        self.peak_tflops = peak_tflops
+        self.world_size = world_size
+        self.system = system
+        self.progress = Progress(max_steps, start_step) if print_steps else None
+        self.started = time.perf_counter()
         self._file = self.path.open("a")
 
     def drop_after(self, step: int) -> None:
@@ -42,7 +54,12 @@ class MetricsWriter:
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
 
+    def step_done(self, completed: int) -> None:
+        if self.progress is not None:
+            self.progress.step_done(completed)
+
     def write(self, record: dict) -> None:
+        record = {**record, **self._rank0_fields(record)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.monitor is not None and self.monitor.enabled:
@@ -54,16 +71,22 @@ class MetricsWriter:
                     if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
                 ]
             )
-        if self.print_steps:
-            print(self.format_line(record), file=sys.stdout, flush=True)
+        if self.progress is not None:
+            self.progress.logged(record)
 
-    def format_line(self, r: dict) -> str:
-        loss = "skipped (non-finite)" if r["skipped"] else f"loss {r['loss']:.4f}"
-        return (
-            f"step {r['step']:>6}/{self.max_steps}  {loss}  lr {r['lr']:.2e}  "
-            f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1000:.0f} ms/step  "
-            f"{r['tflops']:.3f} TFLOP/s  {r['mem_gb']:.2f} GB"
-        )
+    def _rank0_fields(self, r: dict) -> dict:
+        fields = {
+            # model FLOP/s of the whole job over the peak of all its devices
+            "mfu": r["tflops"] / (self.peak_tflops * self.world_size) if self.peak_tflops else None,
+            "elapsed_s": time.perf_counter() - self.started,
+            "eta_s": (self.max_steps - r["step"]) * r["step_time_s"],
+        }
+        if self.system is not None:
+            fields.update(self.system.sample())
+        return fields
 
     def close(self) -> None:
         self._file.close()
+        if self.progress is not None:
+            self.progress.close()
+        finish_wandb()

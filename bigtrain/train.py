@@ -10,7 +10,8 @@ Exit codes: see bigtrain/exit_codes.py.
 import logging
 import os
 import sys
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
@@ -24,11 +25,21 @@ log = logging.getLogger("bigtrain")
 
 @dataclass
 class TrainResult:
+    """What a run gives back to the Python API (bigtrain/api.py)."""
+
     final_loss: float | None
     steps: int
     run_dir: str
     checkpoint: str | None
     exit_code: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    """The records of metrics.jsonl, one per logged step."""
+    command: list[str] | None = None
+    """The launch command, for runs started on several processes."""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +72,7 @@ def run(cfg: DictConfig) -> TrainResult:
     select_accelerator(device)
 
     # Heavy imports only once the config is known to be good.
-    import torch.distributed
+    import deepspeed.comm
 
     from bigtrain.checkpoint import CheckpointError, Checkpointer
     from bigtrain.config.deepspeed import to_deepspeed_config
@@ -69,6 +80,9 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.distributed import init_distributed
     from bigtrain.engine import build_engine
     from bigtrain.metrics import MetricsWriter, flops_per_token
+    from bigtrain.monitor.peak import resolve_peak_tflops
+    from bigtrain.monitor.sinks import prepare_wandb
+    from bigtrain.monitor.system import SystemStats
     from bigtrain.models import build_model, model_shape
     from bigtrain.parallel.topology import Layout
     from bigtrain.rundir import prepare_run_dir, setup_logging, write_ds_config
@@ -121,6 +135,7 @@ def run(cfg: DictConfig) -> TrainResult:
         raise SystemExit(exit_codes.CONFIG_ERROR) from None
 
     _phase(watchdog, "starting")
+    prepare_wandb(cfg.logging, run_dir)
     engine = build_engine(model, ds_config, cfg)
     checkpointer.attach(engine)
     start_step, samples_seen = 0, 0
@@ -131,7 +146,12 @@ def run(cfg: DictConfig) -> TrainResult:
     plan.start_step, plan.start_sample = start_step, samples_seen
     metrics = None
     if ranks.is_main:
-        metrics = MetricsWriter(str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress)
+        peak, source = resolve_peak_tflops(cfg.logging.peak_tflops, device, cfg.precision.name)
+        log.info("MFU against a peak of %.3g TFLOP/s per device (%s)", peak, source)
+        metrics = MetricsWriter(
+            str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress, start_step=start_step,
+            peak_tflops=peak, world_size=ranks.world_size, system=SystemStats(device, ranks.local_rank),
+        )
         metrics.drop_after(start_step)  # steps logged after the checkpoint will be trained again
     trainer = Trainer(
         engine,
@@ -150,6 +170,7 @@ def run(cfg: DictConfig) -> TrainResult:
         inject_slow_rank=cfg.fault.inject_slow_rank,
         inject_slow_step_s=cfg.fault.inject_slow_step_s,
         inject_slow_save_s=cfg.fault.inject_slow_save_s,
+        step_breakdown=cfg.logging.step_breakdown,
     )
     _phase(watchdog, "training", start_step)
 
@@ -190,7 +211,9 @@ def run(cfg: DictConfig) -> TrainResult:
     if watchdog is not None:
         watchdog.stop()
     engine.destroy()
-    torch.distributed.destroy_process_group()
+    # Through DeepSpeed, which then forgets the groups it cached, so that another run in this
+    # process (the Python API, a sweep) starts clean.
+    deepspeed.comm.destroy_process_group()
     return result
 
 
@@ -209,6 +232,18 @@ def _phase(watchdog, phase: str, step: int | None = None) -> None:
     if watchdog is not None:
         watchdog.progress(step, phase)
 
+
+class _CallableModule(types.ModuleType):
+    """`bigtrain.train(...)` is the Python API (bigtrain/api.py). Importing this module binds the name
+    `bigtrain.train` to the module itself, so the module is made callable and forwards the call."""
+
+    def __call__(self, overrides: list[str] | None = None, config=None, **kwargs) -> TrainResult:
+        from bigtrain.api import train
+
+        return train(overrides, config, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ from deepspeed.accelerator import get_accelerator
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.data import BatchLoader
 from bigtrain.metrics import MetricsWriter, peak_memory_gb
+from bigtrain.monitor.timing import StepTimer
 
 log = logging.getLogger("bigtrain")
 
@@ -79,6 +80,7 @@ class Trainer:
         inject_slow_rank: int = -1,
         inject_slow_step_s: float = 0.0,
         inject_slow_save_s: float = 0.0,
+        step_breakdown: bool = True,
     ):
         self.engine = engine
         self.loader = loader
@@ -103,6 +105,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._device_flag = torch.zeros(2, device=engine.device)
+        self.timer = StepTimer(step_breakdown, synchronize=get_accelerator().synchronize)
 
     def train(self, start_step: int) -> TrainOutcome:
         """Train from `start_step` completed steps to max_steps."""
@@ -123,12 +126,14 @@ class Trainer:
             window_steps += 1
             if self.watchdog is not None:
                 self.watchdog.progress(completed)
+            if self.metrics is not None:
+                self.metrics.step_done(completed)
             self._guard(completed, skipped)
             stop_requested = self._any_rank_signalled()
             if self._should_log(completed, start_step) or stop_requested:
                 get_accelerator().synchronize()
                 elapsed = time.perf_counter() - window_start
-                last_loss = self._log(completed, loss, lr, elapsed / window_steps, skipped)
+                last_loss = self._log(completed, loss, lr, elapsed / window_steps, skipped, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
             if stop_requested:
                 self._save(completed)
@@ -169,8 +174,10 @@ class Trainer:
             started = time.perf_counter()
             if self.slow_step_s:
                 time.sleep(self.slow_step_s)
-            input_ids = self.loader.micro_batch(step, micro).to(self.engine.device)
-            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            with self.timer.phase("data"):
+                input_ids = self.loader.micro_batch(step, micro).to(self.engine.device)
+            with self.timer.phase("forward"):
+                loss = self.engine(input_ids=input_ids, labels=input_ids).loss
             self.compute_time += time.perf_counter() - started
             if self.watchdog is not None:
                 self.watchdog.progress()
@@ -186,8 +193,10 @@ class Trainer:
                             step + 1, micro)
                 loss = self.engine(input_ids=input_ids[:1, :2]).logits.float().sum() * 0.0
                 nonfinite_loss = True
-            self.engine.backward(loss)
-            self.engine.step()
+            with self.timer.phase("backward"):
+                self.engine.backward(loss)
+            with self.timer.phase("optimizer"):
+                self.engine.step()
             total += loss.detach().float()
         # DeepSpeed skips a ZeRO step whose gradient norm is not finite. Under fp16 that is routine
         # loss-scale calibration, not a fault, unless the loss itself was non-finite.
@@ -276,7 +285,8 @@ class Trainer:
     def _should_log(self, completed: int, start_step: int) -> bool:
         return completed % self.log_interval == 0 or completed in (start_step + 1, self.max_steps)
 
-    def _log(self, completed: int, loss: torch.Tensor, lr: float, step_time: float, skipped: bool) -> float:
+    def _log(self, completed: int, loss: torch.Tensor, lr: float, step_time: float, skipped: bool,
+             window_steps: int = 1) -> float:
         # Every rank joins the reduction; only rank 0 writes.
         mean_loss = loss.detach().float().clone()
         dist.all_reduce(mean_loss)
@@ -295,6 +305,7 @@ class Trainer:
             "skipped": skipped,
             "skipped_steps": self.skipped_steps,
             "stragglers": stragglers,
+            **self.timer.take_window(window_steps),
         }
         if self.metrics is not None:
             self.metrics.write(record)

@@ -41,7 +41,30 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
             "output_path": str(Path(cfg.run_dir) / "tensorboard"),
             "job_name": "train",
         }
+    ds.update(_monitors(cfg))
     return _merge(ds, OmegaConf.to_container(cfg.deepspeed))
+
+
+def _monitors(cfg: DictConfig) -> dict[str, Any]:
+    """DeepSpeed's other sinks for the metrics bigtrain writes through the engine's monitor, and its
+    flops profiler (whose profile_step counts completed optimizer steps, so step N is N - 1)."""
+    logging, run_dir = cfg.logging, Path(cfg.run_dir)
+    sections: dict[str, Any] = {}
+    if logging.csv:
+        sections["csv_monitor"] = {"enabled": True, "output_path": str(run_dir / "csv"), "job_name": "train"}
+    if logging.wandb:
+        # W&B's mode and folder are set through its environment (bigtrain/monitor/sinks.py).
+        sections["wandb"] = {"enabled": True, "project": logging.wandb_project, "group": logging.wandb_group}
+    if logging.flops_profile_step > 0:
+        sections["flops_profiler"] = {
+            "enabled": True,
+            "profile_step": logging.flops_profile_step - 1,
+            "module_depth": -1,
+            "top_modules": 3,
+            "detailed": False,
+            "output_file": str(run_dir / "flops_profile.txt"),
+        }
+    return sections
 
 
 def _zero(cfg: DictConfig) -> dict[str, Any]:

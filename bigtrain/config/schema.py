@@ -149,9 +149,39 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events under run_dir/tensorboard."""
     progress: bool = True
-    """Print a step line on rank 0."""
+    """Show progress on rank 0: a step line at every logged step with the time left (ETA), and on a
+    terminal also a progress bar updated every step."""
     deepspeed_level: str = "warning"
     """Level of DeepSpeed's own log messages (debug, info, warning, error)."""
+    step_breakdown: bool = True
+    """Split each step's time into data wait, forward, backward and optimizer step. On a GPU this
+    synchronizes the device at each phase boundary, which costs a little throughput."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device in the training precision, the denominator of MFU. Unset: a known
+    GPU's datasheet figure, else a matmul measured at start-up (see README, Monitoring)."""
+    csv: bool = False
+    """Also write DeepSpeed's CSV monitor: one `<metric>.csv` file per metric under run_dir/csv."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install 'bigtrain[wandb]'`); files go to run_dir/wandb."""
+    wandb_mode: str = "offline"
+    """offline (write locally, no network; `wandb sync` uploads later) or online."""
+    wandb_project: str = "bigtrain"
+    """W&B project the run is logged under."""
+    wandb_group: Optional[str] = None
+    """W&B group, e.g. to gather the trials of a sweep."""
+    flops_profile_step: int = 0
+    """Profile this step (1-based) with DeepSpeed's flops profiler, written to
+    run_dir/flops_profile.txt; 0 turns it off. ZeRO stages 0-2 (its counts are wrong under ZeRO-3)."""
+
+
+@dataclass
+class SweepConfig:
+    ranks: int = 1
+    """Processes per sweep trial (`bigtrain sweep`): 1 trains in the sweep's own process; more
+    launch each trial with `deepspeed --num_gpus N`."""
+    metric: str = "loss"
+    """metrics.jsonl field whose last logged value is the trial's result, returned to the sweeper
+    (set hydra.sweeper.direction=maximize for a field such as tokens_per_s)."""
 
 
 @dataclass
@@ -190,6 +220,7 @@ class BigtrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 1234
     """Seeds model init, data order and dropout."""
     run_dir: Optional[str] = None

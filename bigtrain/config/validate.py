@@ -47,6 +47,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     _check_precision(cfg)
     _check_optimizer(cfg)
     _check_deepspeed_extra(cfg)
+    _check_logging(cfg)
     _check_data_files(cfg)
     _check_model_and_tokenizer(cfg)
 
@@ -240,6 +241,42 @@ def _check_deepspeed_extra(cfg: DictConfig) -> None:
             f"deepspeed.{sorted(removed)[0]} names a feature DeepSpeed 0.19 removed; DeepSpeed would "
             "refuse the whole config. Delete that key from the `deepspeed` section."
         )
+
+
+def _check_logging(cfg: DictConfig) -> None:
+    """Sinks, the profiler and the MFU peak."""
+    logging = cfg.logging
+    if logging.peak_tflops is not None and logging.peak_tflops <= 0:
+        raise ConfigError(
+            f"logging.peak_tflops must be positive, got {logging.peak_tflops}. Give one device's peak "
+            "TFLOP/s in the training precision, or leave it unset to use a known GPU's or a measured one."
+        )
+    if logging.flops_profile_step < 0 or logging.flops_profile_step > cfg.train.max_steps:
+        raise ConfigError(
+            f"logging.flops_profile_step={logging.flops_profile_step} is not a step of this run (1 to "
+            f"train.max_steps={cfg.train.max_steps}). Pick a step after the first few, or 0 for no profile."
+        )
+    if logging.flops_profile_step and cfg.zero.stage == 3:
+        raise ConfigError(
+            f"logging.flops_profile_step={logging.flops_profile_step} with zero=stage3: DeepSpeed's flops "
+            "profiler counts only the parameters a rank holds under ZeRO-3, so its numbers would be wrong. "
+            "Profile with zero=stage2 (same model, same FLOPs), or set logging.flops_profile_step=0."
+        )
+    if logging.wandb:
+        from bigtrain.monitor.sinks import WANDB_INSTALL_HINT, wandb_installed
+
+        if logging.wandb_mode not in ("offline", "online"):
+            raise ConfigError(
+                f"logging.wandb_mode={logging.wandb_mode!r} is not a W&B mode. Use offline (no network; "
+                "`wandb sync` uploads later) or online."
+            )
+        if not wandb_installed():
+            raise ConfigError(
+                f"logging.wandb=true needs the wandb package, which is not installed. Install it with "
+                f"{WANDB_INSTALL_HINT}, or set logging.wandb=false."
+            )
+    if cfg.sweep.ranks <= 0:
+        raise ConfigError(f"sweep.ranks must be positive, got {cfg.sweep.ranks}. Use 1 to train trials in-process.")
 
 
 def _check_data_files(cfg: DictConfig) -> None:
