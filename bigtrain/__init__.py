@@ -18,3 +18,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 _env_bin = os.path.dirname(sys.executable)
 if os.path.isfile(os.path.join(_env_bin, "ninja")) and not os.environ.get("PATH", "").startswith(_env_bin + os.pathsep):
     os.environ["PATH"] = _env_bin + os.pathsep + os.environ.get("PATH", "")
+
+
+# The Python API, loaded on first use so that `import bigtrain` stays cheap (no torch, no DeepSpeed).
+__all__ = ["train", "compose", "DistributedTraining", "TrainResult"]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "train":  # the module bigtrain.train, callable as the API (see bigtrain/train.py)
+        return importlib.import_module("bigtrain.train")
+    if name in ("compose", "DistributedTraining", "TrainResult"):
+        return getattr(importlib.import_module("bigtrain.api"), name)
+    raise AttributeError(f"module 'bigtrain' has no attribute {name!r}")
