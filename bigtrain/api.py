@@ -124,7 +124,9 @@ def _launch(cfg: DictConfig, overrides: list[str], nproc: int, launcher: str, qu
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    command = launch_command(launcher, nproc, [*overrides, f"run_dir={run_dir}"], free_port())
+    if not any(o.startswith("run_dir=") for o in overrides):  # every rank must write to the same run dir
+        overrides = [*overrides, f"run_dir={run_dir}"]
+    command = launch_command(launcher, nproc, overrides, free_port())
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # a launcher sets these for its ranks
@@ -165,3 +167,52 @@ def launch_command(launcher: str, nproc: int, overrides: list[str], port: int) -
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class DistributedTraining:
+    """Train a model on some data across N processes of this machine (CPU ranks, or one per GPU).
+
+        DistributedTraining(["train.max_steps=100"]).train_distributed("tiny_llama", "corpus.txt", nodes=2)
+
+    `overrides` apply to every run (steps, batch, ZeRO stage...). For several machines, use the
+    multi-node launchers (launchers/multinode.sh) with the same overrides.
+    """
+
+    def __init__(self, overrides: list[str] | None = None, *, run_dir: str | None = None,
+                 launcher: str = "deepspeed", quiet: bool = False):
+        self.overrides = list(overrides or [])
+        self.run_dir = run_dir
+        self.launcher = launcher
+        self.quiet = quiet
+
+    def train_distributed(self, model: Any, data: Any = None, nodes: int = 2) -> dict:
+        """Train `model` on `data` with `nodes` processes; return the model name, nodes used, status,
+        final loss, checkpoint path, run dir, steps, per-step losses and the launch command.
+
+        model: a model name from conf/model (tiny_llama, gpt2_small, ...), a local Hugging Face model
+               folder (its weights are the starting point), or a transformers PretrainedConfig.
+        data:  None (the bundled corpus), a text/JSON Lines/Parquet/CSV file or a folder of them, or a
+               `datasets` Dataset (or DatasetDict, whose train split is used) with a text column.
+        """
+        from bigtrain.specs import data_overrides, model_overrides
+
+        model_name, model_args, staged_config = model_overrides(model)
+        run_dir = Path(self.run_dir or f"runs/distributed-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+        overrides = [*model_args, *data_overrides(data, run_dir / "data"), *self.overrides, f"run_dir={run_dir}"]
+        if staged_config is not None:  # a config object: written out as overrides the ranks compose
+            cfg = _compose(overrides)
+            cfg.model.hf_config = staged_config
+            overrides = config_to_overrides(overrides, cfg)
+        result = train(overrides, nproc=nodes, launcher=self.launcher, quiet=self.quiet)
+        return {
+            "model": model_name,
+            "nodes": nodes,
+            "status": "completed" if result.ok else f"failed (exit code {result.exit_code}: "
+                      f"{EXIT_MEANINGS.get(result.exit_code, 'error')}; see {result.run_dir}/launch.log)",
+            "final_loss": result.final_loss,
+            "checkpoint": result.checkpoint,
+            "run_dir": result.run_dir,
+            "steps": result.steps,
+            "losses": [r["loss"] for r in result.metrics],
+            "command": result.command,
+        }

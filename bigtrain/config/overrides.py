@@ -15,7 +15,9 @@ def config_to_overrides(overrides: list[str], target: DictConfig) -> list[str]:
     differs, `~key` for a key the target dropped from a free-form dict. Checked by composing it."""
     base = OmegaConf.to_container(compose(overrides), resolve=True)
     wanted = OmegaConf.to_container(target, resolve=True)
-    result = [*overrides, *_diff(base, wanted, ""), f"run_dir={format_value(wanted['run_dir'])}"]
+    result = [*overrides, *_diff(base, wanted, "")]
+    if not any(o.startswith("run_dir=") for o in result):  # the default run dir is named after the overrides
+        result.append(f"run_dir={format_value(wanted['run_dir'])}")
     if OmegaConf.to_container(compose(result), resolve=True) != wanted:
         raise ConfigError(
             "This config cannot be passed to launched ranks as overrides (composing them gave a different "

@@ -1,0 +1,34 @@
+"""`bigtrain sample`: a quick look at what a run has learned, a continuation of a prompt generated
+by the newest checkpoint through the exported Hugging Face model."""
+
+import tempfile
+
+from bigtrain.config.errors import ConfigError
+
+
+def sample(run_dir: str, prompt: str, *, max_new_tokens: int = 40, checkpoint: str | None = None,
+           temperature: float = 0.0, seed: int = 0) -> str:
+    """The prompt's continuation (greedy, or sampled when temperature > 0), without the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bigtrain.export import export
+
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
+    with tempfile.TemporaryDirectory(prefix="bigtrain-sample-") as folder:
+        export(run_dir, folder, checkpoint)  # the same path users take to get a model out of a run
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise ConfigError("--prompt is empty once tokenized; give the model some text to continue.")
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
