@@ -6,11 +6,11 @@ Bytes per parameter of a rank's model shard (P: its parameters, dp: data-paralle
 the training dtype, 4 for fp32 and 2 for bf16/fp16), as DeepSpeed's estimate_zero2/zero3 functions
 count them for w = 2 (tests/test_plan.py checks that this formula gives their numbers):
 
-    stage 0:  params w + grads w + [fp32 master 4 if w = 2] + Adam moments 8
+    stage 0:  params w + grads w + Adam moments 8 [+ fp32 master 4 + fp32 grads 4 if w = 2]
     stage 1:  params w + grads w + (fp32 master 4 + fp32 grads 4 + moments 8) / dp
     stage 2:  params w + (grads w + fp32 master 4 + fp32 grads 4 + moments 8) / dp
-    stage 3:  (params w + grads w + fp32 master 4 + fp32 grads 4 + moments 8) / dp, plus the layer
-              being gathered (4 bytes x largest layer)
+    stage 3:  (params w + fp32 master 4 + fp32 grads 4 + moments 8) / dp, plus the layer being
+              gathered (4 bytes x largest layer)
 
 DeepSpeed keeps a separate fp32 copy of each partition even in fp32 training, hence the same terms.
 Offload moves the parenthesised optimizer part (and at ZeRO-3 with offload=full the partitioned
@@ -104,24 +104,27 @@ def shard_parameters(model: ModelFacts, layout: Layout) -> int:
 
 
 def model_state_bytes(params: int, largest_layer: int, layout: Layout) -> tuple[float, float]:
-    """(device bytes, offloaded bytes) of params, grads and optimizer states per rank."""
+    """(device bytes, offloaded bytes) of params, grads and optimizer states per rank; for 16-bit
+    training at ZeRO-2/3 the same numbers as DeepSpeed's estimate_zero2/zero3_model_states_mem_needs
+    (per GPU; their CPU figure is per node, times their 1.5 buffer factor)."""
     w, dp, stage = dtype_bytes(layout.precision), layout.data, layout.stage
+    fp32_optimizer = 4 + 4 + 8  # fp32 master copy, fp32 gradients, Adam's two moments
     if stage == 0:  # fp32: the optimizer updates the params in place; 16-bit: DeepSpeed's fp32 copies
-        return params * (w + w + (8 if w == 4 else 16)), 0.0
-    optimizer = 4 + 4 + 8  # fp32 master partition, fp32 gradient partition, Adam moments
+        return params * (w + w + (8 if w == 4 else fp32_optimizer)), 0.0
     if stage == 1:
-        device, partitioned = params * (w + w), params * optimizer / dp
+        device, partitioned = params * (w + w), params * fp32_optimizer / dp
     elif stage == 2:
-        device, partitioned = params * w + params * w / dp, params * optimizer / dp
+        device, partitioned = params * w, params * (w + fp32_optimizer) / dp
     else:
-        device, partitioned = params * (w + w) / dp + 4 * largest_layer, params * optimizer / dp
+        device, partitioned = 4 * largest_layer, params * (w + fp32_optimizer) / dp
     if layout.offload == "none":
         return device + partitioned, 0.0
-    offloaded = partitioned
-    if layout.offload in ("full", "nvme"):  # the partitioned params leave the device too
-        offloaded += params * w / dp
-        device -= params * w / dp
-    return device, offloaded
+    if layout.offload == "optimizer":
+        # The optimizer's fp32 part moves; ZeRO-2's 16-bit gradient partition goes with it (gradients
+        # are reduced straight into CPU buffers), ZeRO-3's partitioned params stay on the device.
+        kept = params * w / dp if stage == 3 else 0.0
+        return device + kept, params * fp32_optimizer / dp
+    return device, partitioned  # full / nvme (ZeRO-3): the partitioned params leave the device too
 
 
 def activation_bytes(model: ModelFacts, layout: Layout) -> float:

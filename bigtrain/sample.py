@@ -1,6 +1,8 @@
 """`bigtrain sample`: a quick look at what a run has learned, a continuation of a prompt generated
 by the newest checkpoint through the exported Hugging Face model."""
 
+import contextlib
+import sys
 import tempfile
 
 from bigtrain.config.errors import ConfigError
@@ -19,7 +21,10 @@ def sample(run_dir: str, prompt: str, *, max_new_tokens: int = 40, checkpoint: s
     if temperature < 0:
         raise ConfigError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
     with tempfile.TemporaryDirectory(prefix="bigtrain-sample-") as folder:
-        export(run_dir, folder, checkpoint)  # the same path users take to get a model out of a run
+        # The same path users take to get a model out of a run; DeepSpeed's checkpoint reader prints
+        # its progress, which belongs with the logs, not in the sample on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            export(run_dir, folder, checkpoint)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(prompt, return_tensors="pt")

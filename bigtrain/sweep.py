@@ -24,7 +24,7 @@ from bigtrain.config.compose import CONF_DIR, _register
 from bigtrain.config.errors import ConfigError
 from bigtrain.config.validate import validate
 
-log = logging.getLogger("bigtrain.sweep")
+log = logging.getLogger("bigtrain-sweep")  # not under "bigtrain", whose handlers belong to each run
 
 _register()  # bigtrain's schema and ${asset:} resolver, which conf/config.yaml uses
 
