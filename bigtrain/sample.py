@@ -4,6 +4,7 @@ by the newest checkpoint through the exported Hugging Face model."""
 import contextlib
 import sys
 import tempfile
+from pathlib import Path
 
 from bigtrain.config.errors import ConfigError
 
@@ -11,6 +12,8 @@ from bigtrain.config.errors import ConfigError
 def sample(run_dir: str, prompt: str, *, max_new_tokens: int = 40, checkpoint: str | None = None,
            temperature: float = 0.0, seed: int = 0) -> str:
     """The prompt's continuation (greedy, or sampled when temperature > 0), without the prompt."""
+    if not (Path(run_dir) / "config.yaml").is_file():  # before the heavy imports
+        raise ConfigError(f"{run_dir} is not a bigtrain run dir (no config.yaml). Pass the run_dir of a run.")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

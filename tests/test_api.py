@@ -1,0 +1,88 @@
+"""The Python API: `import bigtrain` stays cheap; `bigtrain.train()` trains in the caller's process
+(twice in a row, from overrides and from an edited config); `DistributedTraining.train_distributed`
+really trains on 2 processes from a Hugging Face config and a `datasets` object."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bigtrain.config import ConfigError
+from conftest import FAST
+
+SCRIPT = """
+import json, sys, bigtrain
+fast = {fast!r}
+first = bigtrain.train([*fast, "run_dir={tmp}/one"])
+cfg = bigtrain.compose([*fast, "run_dir={tmp}/two"])
+cfg.optimizer.lr = 3e-3
+second = bigtrain.train(config=cfg)
+print(json.dumps([{{"loss": r.final_loss, "steps": r.steps, "run_dir": r.run_dir, "checkpoint": r.checkpoint,
+                   "ok": r.ok, "metrics": len(r.metrics), "first_loss": r.metrics[0]["loss"]}}
+                  for r in (first, second)]))
+"""
+
+
+def test_importing_bigtrain_loads_neither_torch_nor_deepspeed():
+    code = ("import sys, bigtrain; assert callable(bigtrain.train); import bigtrain.train; "
+            "assert callable(bigtrain.train); print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.multiprocess
+def test_train_runs_in_the_callers_process_one_run_after_another(tmp_path):
+    fast = [*FAST, "train.max_steps=4", "logging.progress=false"]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(fast=fast, tmp=tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    for result, name in ((first, "one"), (second, "two")):
+        assert result["ok"] and result["steps"] == 4 and result["metrics"] == 4
+        assert result["run_dir"] == str(tmp_path / name)
+        assert result["checkpoint"] == str(tmp_path / name / "checkpoints" / "step_00000004")
+        assert result["loss"] < result["first_loss"]
+    # Same data and init, a 3x learning rate from the edited config: a different run.
+    assert second["loss"] != first["loss"]
+    assert "lr: 0.003" in (tmp_path / "two" / "config.yaml").read_text()
+
+
+@pytest.mark.multiprocess
+def test_distributed_training_trains_on_two_processes(tmp_path):
+    from datasets import Dataset
+    from transformers import LlamaConfig
+
+    from bigtrain import DistributedTraining
+    from bigtrain.config.compose import ASSET_DIR
+
+    with gzip.open(ASSET_DIR / "corpus" / "devils_dictionary.jsonl.gz", "rt") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    data = Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})
+    model = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    trainer = DistributedTraining([*FAST, "train.max_steps=12", "logging.interval=4"], run_dir=str(tmp_path / "run"),
+                                  quiet=True)
+    result = trainer.train_distributed(model, data, nodes=2)
+
+    assert result["model"] == "llama-custom" and result["nodes"] == 2 and result["status"] == "completed"
+    assert result["steps"] == 12 and result["checkpoint"].endswith("step_00000012")
+    losses = result["losses"]
+    assert losses[-1] < losses[0] - 0.3, losses  # it learned
+    assert result["final_loss"] == losses[-1]
+    # Two ranks: each wrote its ZeRO shard, and the global batch is two ranks' micro-batches.
+    shards = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000012").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
+    ds_config = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert ds_config["train_batch_size"] == 2 * 4
+    # The ranks built the model from the config object and read the dataset object.
+    composed = (tmp_path / "run" / "config.yaml").read_text()
+    assert "hidden_size: 128" in composed and "train.parquet" in composed
+
+
+def test_a_model_that_is_neither_a_name_nor_a_folder_is_refused(tmp_path):
+    from bigtrain import DistributedTraining
+
+    with pytest.raises(ConfigError, match="neither a model in conf/model"):
+        DistributedTraining(run_dir=str(tmp_path)).train_distributed("no_such_model", None, nodes=2)
