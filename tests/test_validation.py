@@ -46,6 +46,7 @@ BAD_CONFIGS = {
     "checkpointing_interval_without_pipeline": (["parallel.activation_checkpoint_interval=1"], 1, "applies to pipeline stages, but parallel.pipeline=1"),
     "tensor_not_dividing_heads": (["parallel.tensor=3"], 3, "parallel.tensor=3 must divide the model's num_attention_heads"),
     "tensor_not_dividing_mlp": (["parallel.tensor=4", "model.hf_config.intermediate_size=690"], 4, "must divide the model's intermediate_size"),
+    "tensor_with_zero0": (["parallel.tensor=2", "zero=stage0"], 2, "ZeRO-0 writes none"),
     "tensor_gpt2": (["parallel.tensor=2", "model=tiny_gpt2"], 2, "AutoTP cannot shard model family 'gpt2'"),
     "removed_deepspeed_feature": (["+deepspeed.sparse_gradients=true"], 1, "DeepSpeed 0.19 removed"),
     "unknown_model_family": (["model.family=not_a_model"], 1, "model.family='not_a_model' is not a model type"),

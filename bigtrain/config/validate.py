@@ -115,6 +115,12 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
             "model's, so training would drift from what the config says. Use zero=stage1 (which clips by "
             "the global norm), or optimizer.grad_clip=0."
         )
+    if tp > 1 and cfg.zero.stage == 0:
+        raise ConfigError(
+            f"parallel.tensor={tp} with zero=stage0: a tensor-parallel checkpoint is exported (and resumed "
+            "on other layouts) through DeepSpeed's universal format, which is built from the optimizer "
+            "shards ZeRO writes; ZeRO-0 writes none. Use zero=stage1 (or 2, 3) with tensor parallelism."
+        )
     method = cfg.parallel.pipeline_partition
     if method not in ("parameters", "uniform") and not (method.startswith("type:") and len(method) > 5):
         raise ConfigError(
