@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.throughput import BIN, REPO, RESULTS, _commit, _versions, env
+from benchmarks.runs import launch_and_watch
+from benchmarks.throughput import RESULTS, _commit, _versions
 
 # q and o are 2048 x 2048; k and v 2048 x 256 (4 KV heads of 64); the MLP three 2048 x 5632 matrices.
 LAYER_PARAMS = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632
@@ -54,57 +54,29 @@ def llama_params(layers: int) -> int:
     return layers * (LAYER_PARAMS + 2 * 2048) + EMBEDDING_PARAMS + 2048  # + RMSNorm weights
 
 
-def used_memory_gb() -> float:
-    vm = psutil.virtual_memory()
-    return (vm.total - vm.available) / 1e9
-
-
 def train_once(layers: int, offload: list[str], ranks: int, steps: int, workdir: Path,
                swap_dir: Path | None = None) -> dict:
-    """Train `steps` steps; watch the machine's memory and the ranks' RSS while it runs."""
+    """Train `steps` steps, watching the machine's memory and the ranks' RSS while it runs."""
     run_dir = workdir / f"layers{layers}-{time.monotonic_ns()}"
-    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--module", "bigtrain.train",
-               *llama_overrides(layers), "zero=stage3", *offload, "precision=fp32",
-               "train.micro_batch_size=1", "train.seq_len=128", f"train.max_steps={steps}",
-               "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_final=false",
-               "checkpoint.resume=never", "fault.hang_timeout_s=1800", f"run_dir={run_dir}"]
-    baseline = used_memory_gb()
-    start = time.perf_counter()
-    log_path = workdir / f"{run_dir.name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
-    peak_used, peak_rss, first_step_s, peak_swap = 0.0, {}, None, 0.0
-    metrics = run_dir / "metrics.jsonl"
-    launcher = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        peak_used = max(peak_used, used_memory_gb() - baseline)
-        if swap_dir is not None:
-            peak_swap = max(peak_swap, sum(f.stat().st_size for f in swap_dir.rglob("*") if f.is_file()) / 1e9)
-        try:
-            for child in launcher.children(recursive=True):
-                if "bigtrain.train" in " ".join(child.cmdline()):
-                    rank = child.environ().get("RANK", str(child.pid))
-                    peak_rss[rank] = max(peak_rss.get(rank, 0.0), child.memory_info().rss / 1e9)
-        except psutil.Error:  # a rank ended between listing and reading
-            pass
-        if first_step_s is None and metrics.exists() and metrics.stat().st_size:
-            first_step_s = time.perf_counter() - start
-        time.sleep(0.5)
-    result = {"layers": layers, "params": llama_params(layers), "ok": proc.returncode == 0,
-              "exit_code": proc.returncode, "peak_used_gb": peak_used,
-              "peak_rss_per_rank_gb": max(peak_rss.values(), default=0.0),
-              "time_to_first_step_s": first_step_s, "wall_s": time.perf_counter() - start}
+    overrides = [*llama_overrides(layers), "zero=stage3", *offload, "precision=fp32",
+                 "train.micro_batch_size=1", "train.seq_len=128", f"train.max_steps={steps}",
+                 "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_final=false",
+                 "checkpoint.resume=never", "fault.hang_timeout_s=1800"]
+    run = launch_and_watch(overrides, ranks, run_dir, workdir / f"{run_dir.name}.log", swap_dir)
+    result = {"layers": layers, "params": llama_params(layers), "ok": run["ok"], "exit_code": run["exit_code"],
+              "peak_used_gb": run["peak_used_gb"], "peak_rss_per_rank_gb": max(run["peak_rss_gb"], default=0.0),
+              "time_to_first_step_s": run["time_to_first_step_s"], "wall_s": run["wall_s"]}
     if swap_dir is not None:
-        result["swap_files_gb"] = peak_swap
+        result["swap_files_gb"] = run["swap_files_gb"]
     if result["ok"]:
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = run["records"]
         later = [r["step_time_s"] for r in records if r["step"] > 1]
         result["s_per_step"] = sum(later) / len(later) if later else records[-1]["step_time_s"]
         result["final_loss"] = records[-1]["loss"]
     else:
-        result["log_tail"] = log_path.read_text()[-2000:]
+        result["log_tail"] = run["log_tail"]
     print(f"{layers} layers ({result['params'] / 1e9:.2f}B): {'ok' if result['ok'] else 'FAILED'}, "
-          f"peak +{peak_used:.1f} GB, {result.get('s_per_step', float('nan')):.1f} s/step", flush=True)
+          f"peak +{result['peak_used_gb']:.1f} GB, {result.get('s_per_step', float('nan')):.1f} s/step", flush=True)
     return result
 
 
