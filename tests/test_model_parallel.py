@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from bigtrain.config import compose
 from bigtrain.metrics import flops_per_token
 from bigtrain.models import model_shape
-from conftest import BIN, FAST, read_metrics, run_bigtrain
+from conftest import BIN, FAST, launcher_command, read_metrics, run_bigtrain, run_command
 from engine_logits import fixed_batch
 from reference import reference_run
 
@@ -81,6 +81,13 @@ def test_pipeline_llama_matches_reference_resumes_exactly_and_exports(tmp_path):
                                  f"run_dir={resumed}"], cwd=tmp_path)
     assert [m["step"] for m in read_metrics(resumed)] == list(range(6, STEPS + 1))
     assert [m["loss"] for m in read_metrics(resumed)] == [m["loss"] for m in read_metrics(run_dir)][5:]
+
+    # Another layout cannot load per-stage files: refused with the layout to use, nothing trained.
+    other = run_command(launcher_command("python", 1, [*FAST, f"run_dir={run_dir}", "zero=stage1"]), tmp_path)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "was saved with data 1 x pipeline 2 x tensor 1, this run has data 1 x pipeline 1" in other.stderr
+    assert "parallel.pipeline=2 parallel.tensor=1" in other.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.multiprocess

@@ -59,6 +59,18 @@ def _zero(cfg: DictConfig) -> dict[str, Any]:
         section["offload_optimizer"] = _offload_target(offload.optimizer, offload)
     if offload.param != "none":
         section["offload_param"] = _offload_target(offload.param, offload)
+        if offload.param == "nvme":
+            # Parameters travel between disk and RAM through these buffers, each of which must hold
+            # the largest parameter whole (DeepSpeed's default, 1e8 elements, is smaller than the
+            # embedding of a model with a 128k vocabulary).
+            from bigtrain.models import model_shape
+
+            largest = model_shape(cfg.model).largest_parameter
+            section["offload_param"]["buffer_size"] = max(100_000_000, largest)
+            if offload.max_in_cpu is not None:
+                section["offload_param"]["max_in_cpu"] = offload.max_in_cpu
+    if offload.sub_group_size is not None:
+        section["sub_group_size"] = offload.sub_group_size
     return section
 
 

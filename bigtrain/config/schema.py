@@ -58,6 +58,11 @@ class OffloadConfig:
     """Folder on a fast local disk for nvme offload."""
     pin_memory: bool = False
     """Page-locked host buffers; faster host-device copies on GPU, no gain on a CPU-only machine."""
+    sub_group_size: Optional[int] = None
+    """Elements of optimizer state processed (and, on NVMe, held in RAM) at a time; unset: DeepSpeed's
+    1e9, which for NVMe offload means 16 GB of fp32 weights, gradients and moments in RAM at once."""
+    max_in_cpu: Optional[int] = None
+    """NVMe parameter offload: parameter elements kept in RAM (unset: DeepSpeed's 1e9, 4 GB in fp32)."""
 
 
 @dataclass
