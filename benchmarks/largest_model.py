@@ -13,9 +13,10 @@ models are trained first; their peak memory (whole machine, MemTotal - MemAvaila
 baseline) gives memory per parameter, and the largest layer count predicted to fit in 90% of the RAM
 that was available at the start is then trained to confirm it.
 
-NVMe offload: parameters and optimizer states live in files under --nvme-path, so the limit is disk.
-The run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed the
-machine's RAM, which without NVMe could not even be held.
+NVMe offload (offload=nvme_optimizer): the optimizer states (fp32 master weights and Adam moments,
+12 of the 16 bytes per parameter) and gradients live in files under --nvme-path, the fp32 weights
+in RAM. The run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed
+the machine's RAM, which without NVMe could not even be held.
 
 Reported per run: parameters, time to first step (process start to first finished step), seconds per
 step after it, peak machine memory above baseline, peak RSS per rank.
@@ -102,8 +103,8 @@ def run_nvme(ranks: int, workdir: Path, nvme_path: Path, layers: int) -> dict:
     nvme_path.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(nvme_path).free / 1e9
     try:
-        result = train_once(layers, ["offload=nvme", f"offload.nvme_path={nvme_path}"], ranks, 3, workdir,
-                            swap_dir=nvme_path)
+        result = train_once(layers, ["offload=nvme_optimizer", f"offload.nvme_path={nvme_path}"], ranks, 3,
+                            workdir, swap_dir=nvme_path)
     finally:
         shutil.rmtree(nvme_path, ignore_errors=True)
     result["disk_free_gb"] = free_gb
@@ -162,7 +163,7 @@ def _markdown(r: dict) -> str:
         if cpu["largest"]:
             lines.append(_row("CPU (largest predicted to fit)", cpu["largest"]))
     if r.get("nvme_offload"):
-        lines.append(_row("NVMe", r["nvme_offload"]))
+        lines.append(_row("NVMe (optimizer states)", r["nvme_offload"]))
     if cpu and cpu.get("bytes_per_param"):
         lines += ["", f"CPU offload: {cpu['bytes_per_param']:.1f} bytes of RAM per parameter measured between the "
                   f"probes (+{cpu['fixed_gb']:.1f} GB fixed); {cpu['available_gb']:.1f} GB were available at the start, "

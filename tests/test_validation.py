@@ -15,6 +15,7 @@ from bigtrain.config.validate import cpu_has_bf16_units, validate
 # name: (overrides, world size, words the message must contain)
 BAD_CONFIGS = {
     "offload_full_without_stage3": (["offload=full", "zero=stage2"], 1, "only ZeRO stage 3 can do"),
+    "nvme_optimizer_below_stage3": (["offload=nvme_optimizer", "offload.nvme_path=/tmp", "zero=stage2"], 1, "DeepSpeed does only at ZeRO stage 3"),
     "offload_optimizer_with_stage0": (["offload=optimizer", "zero=stage0"], 1, "zero=stage0"),
     "batch_arithmetic": (
         ["train.global_batch_size=20", "train.micro_batch_size=8"], 2,
