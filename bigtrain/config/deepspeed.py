@@ -4,12 +4,13 @@ The learning-rate schedule is not in it: bigtrain passes its own (bigtrain/sched
 which checkpoints it like its own.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigtrain.config.validate import data_parallel_size, resolve_device
+from bigtrain.config.validate import REDUCED_PRECISION_COMM, ZEROPP_COMM, data_parallel_size, resolve_device
 
 
 def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": _zero(cfg),
+        "zero_optimization": _zero(cfg, world_size),
         "optimizer": _optimizer(cfg, on_gpu),
         "bf16": {"enabled": cfg.precision.name == "bf16"},
         "fp16": {"enabled": cfg.precision.name == "fp16", "initial_scale_power": 16},
@@ -30,6 +31,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    ds.update(_comm(cfg))
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {
             "enabled": True,
@@ -39,7 +41,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     return _merge(ds, OmegaConf.to_container(cfg.deepspeed))
 
 
-def _zero(cfg: DictConfig) -> dict[str, Any]:
+def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     zero, offload = cfg.zero, cfg.offload
     section: dict[str, Any] = {"stage": zero.stage}
     if zero.stage == 0:
@@ -54,6 +56,31 @@ def _zero(cfg: DictConfig) -> dict[str, Any]:
         section["offload_optimizer"] = _offload_target(offload.optimizer, offload)
     if offload.param != "none":
         section["offload_param"] = _offload_target(offload.param, offload)
+    if cfg.comm.name in ZEROPP_COMM:
+        section.update(_zeropp(cfg.comm, world_size))
+    return section
+
+
+def _zeropp(comm: DictConfig, world_size: int) -> dict[str, Any]:
+    hpz = comm.hpz_partition_size
+    if hpz == 0:  # the ranks of one node, as the launcher counts them; one node without a launcher
+        hpz = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    return {
+        "zero_quantized_weights": comm.quantized_weights,
+        "zero_quantized_gradients": comm.quantized_gradients,
+        "zero_hpz_partition_size": hpz,
+    }
+
+
+def _comm(cfg: DictConfig) -> dict[str, Any]:
+    """Top-level keys for the gradient exchange. bigtrain's own exchanges (onebit, powersgd,
+    local_sgd) need none: they run at ZeRO-0 with the engine's all-reduce switched off."""
+    section: dict[str, Any] = {}
+    if cfg.comm.count_bytes:
+        # The key's presence is what turns DeepSpeed's logger on; prof_all records every collective.
+        section["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
+    if cfg.comm.name in REDUCED_PRECISION_COMM:
+        section["communication_data_type"] = REDUCED_PRECISION_COMM[cfg.comm.name]
     return section
 
 
