@@ -14,17 +14,17 @@ class LocalSGD:
         self.sync_every = sync_every
         self.max_steps = max_steps
         self.world_size = world_size
-        self.outer_settings = (outer_optimizer, outer_lr, outer_momentum)
+        self.outer_optimizer, self.outer_lr, self.outer_momentum = outer_optimizer, outer_lr, outer_momentum
         self.anchor: list[torch.Tensor] | None = None  # the weights at the last sync (outer optimizer)
         self.outer = None
 
     def reduce(self, grads: list[torch.Tensor]) -> None:
         """Nothing to exchange: each replica steps on its own gradient. The weights before the first
         local step are the outer optimizer's starting point."""
-        if self.anchor is None and self.outer_settings[0] == "nesterov":
-            _, lr, momentum = self.outer_settings
+        if self.anchor is None and self.outer_optimizer == "nesterov":
             self.anchor = [p.detach().clone() for p in self.params]
-            self.outer = torch.optim.SGD(self.anchor, lr=lr, momentum=momentum, nesterov=momentum > 0)
+            self.outer = torch.optim.SGD(self.anchor, lr=self.outer_lr, momentum=self.outer_momentum,
+                                         nesterov=self.outer_momentum > 0)
 
     def after_step(self, step: int) -> None:
         completed = step + 1

@@ -40,10 +40,6 @@ class WireCounter:
         self.window_bytes: dict[str, float] = defaultdict(float)
         self.window_steps = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.logger.enabled
-
     def discard(self) -> None:
         """Forget what was logged so far (start-up, checkpoints, the previous step's logging)."""
         self.logger.reset_data()
