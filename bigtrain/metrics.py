@@ -59,10 +59,11 @@ class MetricsWriter:
 
     def format_line(self, r: dict) -> str:
         loss = "skipped (non-finite)" if r["skipped"] else f"loss {r['loss']:.4f}"
+        comm = f"  comm {r['comm_bytes'] / 1e6:.2f} MB" if r.get("comm_bytes") is not None else ""
         return (
             f"step {r['step']:>6}/{self.max_steps}  {loss}  lr {r['lr']:.2e}  "
             f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1000:.0f} ms/step  "
-            f"{r['tflops']:.3f} TFLOP/s  {r['mem_gb']:.2f} GB"
+            f"{r['tflops']:.3f} TFLOP/s  {r['mem_gb']:.2f} GB{comm}"
         )
 
     def close(self) -> None:

@@ -4,12 +4,13 @@ The learning-rate schedule is not in it: bigtrain passes its own (bigtrain/sched
 which checkpoints it like its own.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigtrain.config.validate import data_parallel_size, resolve_device
+from bigtrain.config.validate import REDUCED_PRECISION_COMM, ZEROPP_COMM, data_parallel_size, resolve_device
 from bigtrain.parallel.tensor import tensor_parallel_section
 
 
@@ -25,7 +26,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         # the pipeline grid's data axis, but under AutoTP every rank (its groups come later).
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp * cfg.parallel.tensor,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": _zero(cfg),
+        "zero_optimization": _zero(cfg, world_size),
         "optimizer": _optimizer(cfg, on_gpu),
         "bf16": {"enabled": cfg.precision.name == "bf16"},
         "fp16": {"enabled": cfg.precision.name == "fp16", "initial_scale_power": 16},
@@ -35,6 +36,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     }
     if cfg.parallel.tensor > 1:
         ds["tensor_parallel"] = tensor_parallel_section(cfg.parallel.tensor)
+    ds.update(_comm(cfg))
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {
             "enabled": True,
@@ -44,7 +46,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     return _merge(ds, OmegaConf.to_container(cfg.deepspeed))
 
 
-def _zero(cfg: DictConfig) -> dict[str, Any]:
+def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     zero, offload = cfg.zero, cfg.offload
     section: dict[str, Any] = {"stage": zero.stage}
     if zero.stage == 0:
@@ -71,6 +73,31 @@ def _zero(cfg: DictConfig) -> dict[str, Any]:
                 section["offload_param"]["max_in_cpu"] = offload.max_in_cpu
     if offload.sub_group_size is not None:
         section["sub_group_size"] = offload.sub_group_size
+    if cfg.comm.name in ZEROPP_COMM:
+        section.update(_zeropp(cfg.comm, world_size))
+    return section
+
+
+def _zeropp(comm: DictConfig, world_size: int) -> dict[str, Any]:
+    hpz = comm.hpz_partition_size
+    if hpz == 0:  # the ranks of one node, as the launcher counts them; one node without a launcher
+        hpz = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    return {
+        "zero_quantized_weights": comm.quantized_weights,
+        "zero_quantized_gradients": comm.quantized_gradients,
+        "zero_hpz_partition_size": hpz,
+    }
+
+
+def _comm(cfg: DictConfig) -> dict[str, Any]:
+    """Top-level keys for the gradient exchange. bigtrain's own exchanges (onebit, powersgd,
+    local_sgd) need none: they run at ZeRO-0 with the engine's all-reduce switched off."""
+    section: dict[str, Any] = {}
+    if cfg.comm.count_bytes:
+        # The key's presence is what turns DeepSpeed's logger on; prof_all records every collective.
+        section["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
+    if cfg.comm.name in REDUCED_PRECISION_COMM:
+        section["communication_data_type"] = REDUCED_PRECISION_COMM[cfg.comm.name]
     return section
 
 
