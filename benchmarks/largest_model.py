@@ -13,10 +13,11 @@ models are trained first; their peak memory (whole machine, MemTotal - MemAvaila
 baseline) gives memory per parameter, and the largest layer count predicted to fit in 90% of the RAM
 that was available at the start is then trained to confirm it.
 
-NVMe offload (offload=nvme_optimizer): the optimizer states (fp32 master weights and Adam moments,
-12 of the 16 bytes per parameter) and gradients live in files under --nvme-path, the fp32 weights
-in RAM. The run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed
-the machine's RAM, which without NVMe could not even be held.
+NVMe offload (offload=nvme offload.max_in_cpu=0): parameters, fp32 master weights, Adam moments and
+gradients live in files under --nvme-path; RAM holds DeepSpeed's flat fp32 gradient partition (4
+bytes per parameter per rank), one optimizer sub-group at a time and the parameters in flight. The
+run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed the
+machine's RAM, which without NVMe could not even be held.
 
 Reported per run: parameters, time to first step (process start to first finished step), seconds per
 step after it, peak machine memory above baseline, peak RSS per rank.
@@ -103,8 +104,8 @@ def run_nvme(ranks: int, workdir: Path, nvme_path: Path, layers: int) -> dict:
     nvme_path.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(nvme_path).free / 1e9
     try:
-        result = train_once(layers, ["offload=nvme_optimizer", f"offload.nvme_path={nvme_path}"], ranks, 3,
-                            workdir, swap_dir=nvme_path)
+        result = train_once(layers, ["offload=nvme", f"offload.nvme_path={nvme_path}", "offload.max_in_cpu=0"],
+                            ranks, 3, workdir, swap_dir=nvme_path)
     finally:
         shutil.rmtree(nvme_path, ignore_errors=True)
     result["disk_free_gb"] = free_gb
@@ -114,10 +115,11 @@ def run_nvme(ranks: int, workdir: Path, nvme_path: Path, layers: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["cpu", "nvme"])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the CPU offload search")
+    parser.add_argument("--nvme-ranks", type=int, default=2, help="ranks of the NVMe run")
     parser.add_argument("--probe-layers", type=int, nargs=2, default=(2, 6))
-    parser.add_argument("--nvme-layers", type=int, default=48,
-                        help="default 48: 2.24B parameters, 26.9 GB of fp32 weights + Adam moments")
+    parser.add_argument("--nvme-layers", type=int, default=47,
+                        help="default 47: 2.20B parameters, 26.4 GB of fp32 weights + Adam moments (RAM: 25.8 GB)")
     parser.add_argument("--nvme-path", type=Path, default=Path(tempfile.gettempdir()) / "bigtrain-nvme")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only in (None, "cpu"):
         result["cpu_offload"] = search_cpu_offload(args.ranks, workdir, tuple(args.probe_layers))
     if args.only in (None, "nvme"):
-        result["nvme_offload"] = run_nvme(args.ranks, workdir, args.nvme_path, args.nvme_layers)
+        result["nvme_offload"] = run_nvme(args.nvme_ranks, workdir, args.nvme_path, args.nvme_layers)
+        result["nvme_offload"]["ranks"] = args.nvme_ranks
     print(_markdown(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,25 +148,25 @@ def _row(label: str, r: dict) -> str:
     first = f"{r['time_to_first_step_s']:.0f} s" if r.get("time_to_first_step_s") else "-"
     step = f"{r['s_per_step']:.1f}" if r.get("s_per_step") else "-"
     status = "trains" if r["ok"] else f"failed (exit {r['exit_code']})"
-    return (f"| {label} | {r['layers']} | {r['params'] / 1e9:.2f}B | {12 * r['params'] / 1e9:.1f} GB | {status} | "
+    return (f"| {label} | {r['ranks']} | {r['layers']} | {r['params'] / 1e9:.2f}B | {12 * r['params'] / 1e9:.1f} GB | {status} | "
             f"{first} | {step} | {r['peak_used_gb']:.1f} GB | {r['peak_rss_per_rank_gb']:.1f} GB |")
 
 
 def _markdown(r: dict) -> str:
     lines = [f"# Largest trainable model, {r['date']} ({r['device']})", "",
-             f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}. {r['ranks']} ranks, ZeRO-3, fp32, "
-             "micro-batch 1 x 128 tokens per rank. Llama of width 2048 (TinyLlama shape), scaled by layers.", "",
-             "| offload | layers | parameters | fp32 weights + Adam (12 B/param) | result | time to first step | "
+             f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}. ZeRO-3, fp32, micro-batch 1 x 128 "
+             "tokens per rank. Llama of width 2048 (TinyLlama shape), scaled by layers.", "",
+             "| offload | ranks | layers | parameters | fp32 weights + Adam (12 B/param) | result | time to first step | "
              "s/step after | peak machine memory above idle | peak RSS / rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     cpu = r.get("cpu_offload")
     if cpu:
         for probe in cpu["probes"]:
-            lines.append(_row("CPU (probe)", probe))
+            lines.append(_row("CPU (probe)", {**probe, "ranks": r["ranks"]}))
         if cpu["largest"]:
-            lines.append(_row("CPU (largest predicted to fit)", cpu["largest"]))
+            lines.append(_row("CPU (largest predicted to fit)", {**cpu["largest"], "ranks": r["ranks"]}))
     if r.get("nvme_offload"):
-        lines.append(_row("NVMe (optimizer states)", r["nvme_offload"]))
+        lines.append(_row("NVMe", r["nvme_offload"]))
     if cpu and cpu.get("bytes_per_param"):
         lines += ["", f"CPU offload: {cpu['bytes_per_param']:.1f} bytes of RAM per parameter measured between the "
                   f"probes (+{cpu['fixed_gb']:.1f} GB fixed); {cpu['available_gb']:.1f} GB were available at the start, "

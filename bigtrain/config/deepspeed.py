@@ -62,20 +62,38 @@ def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     if offload.param != "none":
         section["offload_param"] = _offload_target(offload.param, offload)
         if offload.param == "nvme":
-            # Parameters travel between disk and RAM through these buffers, each of which must hold
-            # the largest parameter whole (DeepSpeed's default, 1e8 elements, is smaller than the
-            # embedding of a model with a 128k vocabulary).
-            from bigtrain.models import model_shape
-
-            largest = model_shape(cfg.model).largest_parameter
-            section["offload_param"]["buffer_size"] = max(100_000_000, largest)
-            if offload.max_in_cpu is not None:
-                section["offload_param"]["max_in_cpu"] = offload.max_in_cpu
+            section.update(_nvme_parameters(cfg, data_parallel_size(cfg, world_size)))
     if offload.sub_group_size is not None:
         section["sub_group_size"] = offload.sub_group_size
     if cfg.comm.name in ZEROPP_COMM:
         section.update(_zeropp(cfg.comm, world_size))
     return section
+
+
+def _nvme_parameters(cfg: DictConfig, dp: int) -> dict[str, Any]:
+    """ZeRO-3 settings for parameters read from NVMe as each module needs them."""
+    from bigtrain.models import model_shape
+
+    largest_partition = -(-model_shape(cfg.model).largest_parameter // dp)
+    offload_param: dict[str, Any] = {
+        "device": "nvme", "nvme_path": cfg.offload.nvme_path, "pin_memory": cfg.offload.pin_memory,
+        # Each buffer of the pool holds one rank's partition of one parameter: sized to the largest
+        # (DeepSpeed's 1e8 elements is too small for a 128k-vocabulary embedding and, for most
+        # models, several times too big). 5 buffers ran dry in the first step here; 10 did not.
+        "buffer_size": largest_partition,
+        "buffer_count": 10,
+    }
+    if cfg.offload.max_in_cpu is not None:
+        offload_param["max_in_cpu"] = cfg.offload.max_in_cpu
+    return {
+        "offload_param": offload_param,
+        # A gathered parameter must go back to disk as soon as its module is done: with DeepSpeed's
+        # defaults (prefetching, keeping soon-reused parameters live) the buffer pool runs dry,
+        # "Not enough buffers 0 for swapping 1" (DeepSpeed issue #3062; measured at step 2).
+        "stage3_prefetch_bucket_size": 0,
+        "stage3_max_live_parameters": 0,
+        "stage3_max_reuse_distance": 0,
+    }
 
 
 def _zeropp(comm: DictConfig, world_size: int) -> dict[str, Any]:

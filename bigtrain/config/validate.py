@@ -272,6 +272,12 @@ def _check_zero_and_offload(cfg: DictConfig) -> None:
                 f"offload.{key}={off[key]!r} is not a place DeepSpeed can offload to. "
                 f"Use one of {sorted(OFFLOAD_DEVICES)}."
             )
+    if off.optimizer == "nvme" and stage != 3:
+        raise ConfigError(
+            f"offload={off.name} puts optimizer states on NVMe, which DeepSpeed does only at ZeRO stage 3 "
+            f"(at zero=stage{stage} it would silently keep them in CPU RAM). Use zero=stage3, or "
+            "offload=optimizer for CPU RAM."
+        )
     if off.param != "none" and stage != 3:
         raise ConfigError(
             f"offload={off.name} moves parameters off the device, which only ZeRO stage 3 can do; "
@@ -282,12 +288,6 @@ def _check_zero_and_offload(cfg: DictConfig) -> None:
         raise ConfigError(
             f"offload={off.name} needs ZeRO to partition the optimizer, but the config has "
             "zero=stage0. Use zero=stage1, stage2 or stage3 with offload, or offload=none."
-        )
-    if off.optimizer == "nvme" and stage != 3:
-        raise ConfigError(
-            f"offload={off.name} puts optimizer states on NVMe, which DeepSpeed does only at ZeRO stage 3 "
-            f"(at zero=stage{stage} it would silently keep them in CPU RAM). Use zero=stage3, or "
-            "offload=optimizer for CPU RAM."
         )
     if "nvme" in (off.optimizer, off.param):
         if not off.nvme_path or not Path(off.nvme_path).is_dir():
