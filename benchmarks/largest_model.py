@@ -13,8 +13,10 @@ models are trained first; their peak memory (whole machine, MemTotal - MemAvaila
 baseline) gives memory per parameter, and the largest layer count predicted to fit in 90% of the RAM
 that was available at the start is then trained to confirm it.
 
-NVMe offload: parameters and optimizer states live in files under --nvme-path, so the limit is disk.
-The run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed the
+NVMe offload (offload=nvme offload.max_in_cpu=0): parameters, fp32 master weights, Adam moments and
+gradients live in files under --nvme-path; RAM holds DeepSpeed's flat fp32 gradient partition (4
+bytes per parameter per rank), one optimizer sub-group at a time and the parameters in flight. The
+run trains a model whose fp32 weights plus Adam moments (12 bytes per parameter) exceed the
 machine's RAM, which without NVMe could not even be held.
 
 Reported per run: parameters, time to first step (process start to first finished step), seconds per
@@ -27,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.throughput import BIN, REPO, RESULTS, _commit, _versions, env
+from benchmarks.runs import launch_and_watch
+from benchmarks.throughput import RESULTS, _commit, _versions
 
 # q and o are 2048 x 2048; k and v 2048 x 256 (4 KV heads of 64); the MLP three 2048 x 5632 matrices.
 LAYER_PARAMS = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632
@@ -54,57 +56,29 @@ def llama_params(layers: int) -> int:
     return layers * (LAYER_PARAMS + 2 * 2048) + EMBEDDING_PARAMS + 2048  # + RMSNorm weights
 
 
-def used_memory_gb() -> float:
-    vm = psutil.virtual_memory()
-    return (vm.total - vm.available) / 1e9
-
-
 def train_once(layers: int, offload: list[str], ranks: int, steps: int, workdir: Path,
                swap_dir: Path | None = None) -> dict:
-    """Train `steps` steps; watch the machine's memory and the ranks' RSS while it runs."""
+    """Train `steps` steps, watching the machine's memory and the ranks' RSS while it runs."""
     run_dir = workdir / f"layers{layers}-{time.monotonic_ns()}"
-    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--module", "bigtrain.train",
-               *llama_overrides(layers), "zero=stage3", *offload, "precision=fp32",
-               "train.micro_batch_size=1", "train.seq_len=128", f"train.max_steps={steps}",
-               "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_final=false",
-               "checkpoint.resume=never", "fault.hang_timeout_s=1800", f"run_dir={run_dir}"]
-    baseline = used_memory_gb()
-    start = time.perf_counter()
-    log_path = workdir / f"{run_dir.name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
-    peak_used, peak_rss, first_step_s, peak_swap = 0.0, {}, None, 0.0
-    metrics = run_dir / "metrics.jsonl"
-    launcher = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        peak_used = max(peak_used, used_memory_gb() - baseline)
-        if swap_dir is not None:
-            peak_swap = max(peak_swap, sum(f.stat().st_size for f in swap_dir.rglob("*") if f.is_file()) / 1e9)
-        try:
-            for child in launcher.children(recursive=True):
-                if "bigtrain.train" in " ".join(child.cmdline()):
-                    rank = child.environ().get("RANK", str(child.pid))
-                    peak_rss[rank] = max(peak_rss.get(rank, 0.0), child.memory_info().rss / 1e9)
-        except psutil.Error:  # a rank ended between listing and reading
-            pass
-        if first_step_s is None and metrics.exists() and metrics.stat().st_size:
-            first_step_s = time.perf_counter() - start
-        time.sleep(0.5)
-    result = {"layers": layers, "params": llama_params(layers), "ok": proc.returncode == 0,
-              "exit_code": proc.returncode, "peak_used_gb": peak_used,
-              "peak_rss_per_rank_gb": max(peak_rss.values(), default=0.0),
-              "time_to_first_step_s": first_step_s, "wall_s": time.perf_counter() - start}
+    overrides = [*llama_overrides(layers), "zero=stage3", *offload, "precision=fp32",
+                 "train.micro_batch_size=1", "train.seq_len=128", f"train.max_steps={steps}",
+                 "logging.interval=1", "logging.tensorboard=false", "checkpoint.save_final=false",
+                 "checkpoint.resume=never", "fault.hang_timeout_s=1800"]
+    run = launch_and_watch(overrides, ranks, run_dir, workdir / f"{run_dir.name}.log", swap_dir)
+    result = {"layers": layers, "params": llama_params(layers), "ok": run["ok"], "exit_code": run["exit_code"],
+              "peak_used_gb": run["peak_used_gb"], "peak_rss_per_rank_gb": max(run["peak_rss_gb"], default=0.0),
+              "time_to_first_step_s": run["time_to_first_step_s"], "wall_s": run["wall_s"]}
     if swap_dir is not None:
-        result["swap_files_gb"] = peak_swap
+        result["swap_files_gb"] = run["swap_files_gb"]
     if result["ok"]:
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = run["records"]
         later = [r["step_time_s"] for r in records if r["step"] > 1]
         result["s_per_step"] = sum(later) / len(later) if later else records[-1]["step_time_s"]
         result["final_loss"] = records[-1]["loss"]
     else:
-        result["log_tail"] = log_path.read_text()[-2000:]
+        result["log_tail"] = run["log_tail"]
     print(f"{layers} layers ({result['params'] / 1e9:.2f}B): {'ok' if result['ok'] else 'FAILED'}, "
-          f"peak +{peak_used:.1f} GB, {result.get('s_per_step', float('nan')):.1f} s/step", flush=True)
+          f"peak +{result['peak_used_gb']:.1f} GB, {result.get('s_per_step', float('nan')):.1f} s/step", flush=True)
     return result
 
 
@@ -130,8 +104,8 @@ def run_nvme(ranks: int, workdir: Path, nvme_path: Path, layers: int) -> dict:
     nvme_path.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(nvme_path).free / 1e9
     try:
-        result = train_once(layers, ["offload=nvme", f"offload.nvme_path={nvme_path}"], ranks, 3, workdir,
-                            swap_dir=nvme_path)
+        result = train_once(layers, ["offload=nvme", f"offload.nvme_path={nvme_path}", "offload.max_in_cpu=0"],
+                            ranks, 3, workdir, swap_dir=nvme_path)
     finally:
         shutil.rmtree(nvme_path, ignore_errors=True)
     result["disk_free_gb"] = free_gb
@@ -141,10 +115,11 @@ def run_nvme(ranks: int, workdir: Path, nvme_path: Path, layers: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["cpu", "nvme"])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the CPU offload search")
+    parser.add_argument("--nvme-ranks", type=int, default=2, help="ranks of the NVMe run")
     parser.add_argument("--probe-layers", type=int, nargs=2, default=(2, 6))
-    parser.add_argument("--nvme-layers", type=int, default=48,
-                        help="default 48: 2.24B parameters, 26.9 GB of fp32 weights + Adam moments")
+    parser.add_argument("--nvme-layers", type=int, default=47,
+                        help="default 47: 2.20B parameters, 26.4 GB of fp32 weights + Adam moments (RAM: 25.8 GB)")
     parser.add_argument("--nvme-path", type=Path, default=Path(tempfile.gettempdir()) / "bigtrain-nvme")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -157,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only in (None, "cpu"):
         result["cpu_offload"] = search_cpu_offload(args.ranks, workdir, tuple(args.probe_layers))
     if args.only in (None, "nvme"):
-        result["nvme_offload"] = run_nvme(args.ranks, workdir, args.nvme_path, args.nvme_layers)
+        result["nvme_offload"] = run_nvme(args.nvme_ranks, workdir, args.nvme_path, args.nvme_layers)
+        result["nvme_offload"]["ranks"] = args.nvme_ranks
     print(_markdown(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,23 +148,23 @@ def _row(label: str, r: dict) -> str:
     first = f"{r['time_to_first_step_s']:.0f} s" if r.get("time_to_first_step_s") else "-"
     step = f"{r['s_per_step']:.1f}" if r.get("s_per_step") else "-"
     status = "trains" if r["ok"] else f"failed (exit {r['exit_code']})"
-    return (f"| {label} | {r['layers']} | {r['params'] / 1e9:.2f}B | {12 * r['params'] / 1e9:.1f} GB | {status} | "
+    return (f"| {label} | {r['ranks']} | {r['layers']} | {r['params'] / 1e9:.2f}B | {12 * r['params'] / 1e9:.1f} GB | {status} | "
             f"{first} | {step} | {r['peak_used_gb']:.1f} GB | {r['peak_rss_per_rank_gb']:.1f} GB |")
 
 
 def _markdown(r: dict) -> str:
     lines = [f"# Largest trainable model, {r['date']} ({r['device']})", "",
-             f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}. {r['ranks']} ranks, ZeRO-3, fp32, "
-             "micro-batch 1 x 128 tokens per rank. Llama of width 2048 (TinyLlama shape), scaled by layers.", "",
-             "| offload | layers | parameters | fp32 weights + Adam (12 B/param) | result | time to first step | "
+             f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}. ZeRO-3, fp32, micro-batch 1 x 128 "
+             "tokens per rank. Llama of width 2048 (TinyLlama shape), scaled by layers.", "",
+             "| offload | ranks | layers | parameters | fp32 weights + Adam (12 B/param) | result | time to first step | "
              "s/step after | peak machine memory above idle | peak RSS / rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     cpu = r.get("cpu_offload")
     if cpu:
         for probe in cpu["probes"]:
-            lines.append(_row("CPU (probe)", probe))
+            lines.append(_row("CPU (probe)", {**probe, "ranks": r["ranks"]}))
         if cpu["largest"]:
-            lines.append(_row("CPU (largest predicted to fit)", cpu["largest"]))
+            lines.append(_row("CPU (largest predicted to fit)", {**cpu["largest"], "ranks": r["ranks"]}))
     if r.get("nvme_offload"):
         lines.append(_row("NVMe", r["nvme_offload"]))
     if cpu and cpu.get("bytes_per_param"):

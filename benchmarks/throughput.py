@@ -174,9 +174,12 @@ print(json.dumps({{"matmul_share": matmul / total,
 
 
 def zero_model_state_gb(params: int, stage: int, dp: int) -> float:
-    """ZeRO paper, fp32 training with Adam: 4 (weights) + 4 (gradients) + 8 (two moments) bytes per
-    parameter; stage 1 divides the moments, stage 2 also the gradients, stage 3 everything by dp."""
-    weights, grads, optim = 4 * params, 4 * params, 8 * params
+    """The ZeRO paper's (2 + 2 + K) x params / divisions, for fp32 training with Adam: 4 bytes of
+    weights, 4 of gradients and K of optimizer state per parameter. ZeRO-0 steps the weights in place
+    (K = 8: the two moments); ZeRO-1/2/3 step a flat fp32 master copy of their partition, even when the
+    weights are fp32 (K = 12: copy and moments, as in the paper). Stage 1 divides the optimizer state
+    by the data-parallel ranks, stage 2 also the gradients, stage 3 the weights too."""
+    weights, grads, optim = 4 * params, 4 * params, (8 if stage == 0 else 12) * params
     if stage >= 1:
         optim /= dp
     if stage >= 2:
@@ -325,6 +328,13 @@ def _markdown(r: dict) -> str:
         for s in r["sweep"]:
             lines.append(f"| {s['zero']} | {s['offload']} | {s['tokens_per_s']:,.0f} | {s['peak_mem_gb']:.2f} GB | "
                          f"{s['model_state_gb']:.3f} GB | {s['zero_formula_gb']:.3f} GB |")
+        lines += ["", "Model states (measured): the rank's resident memory after its first step minus before the "
+                      "model was built, in the raw DeepSpeed loop. It holds what the formula counts (fp32: 4 B "
+                      "weights + 4 B gradients + 12 B master copy and moments per parameter, 8 B at ZeRO-0, "
+                      "divided by stage) plus DeepSpeed's gradient buckets (reduce_bucket_size, 5e7 elements: "
+                      "here larger than the model, so one more gradient-sized buffer at ZeRO-1/2), ZeRO-3's "
+                      "gathered-parameter buffers, and allocator slack; with offload on a CPU machine the "
+                      "offloaded states stay in the same RAM."]
     return "\n".join(lines) + "\n"
 
 

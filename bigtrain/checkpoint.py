@@ -375,21 +375,10 @@ class Checkpointer:
         if done.is_file():
             log.info("reusing the universal conversion already in %s", out)
             return out
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder", str(tag_dir), "--output_folder", str(out),
-            "--num_extract_workers", "1", "--num_merge_workers", "1",
-        ]
-        if point.zero_stage < 3:
-            command.append("--inject_missing_state")  # ZeRO-1/2 shards lack the param-shape map it needs
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(
-                f"Converting {tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}\n"
-                f"Resume with the original {point.dp_size} data-parallel ranks instead."
-            )
+        try:
+            convert_to_universal(tag_dir, out, point.zero_stage)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}\nResume with the original {point.dp_size} data-parallel ranks instead.") from None
         done.touch()
         return out
 
@@ -409,6 +398,23 @@ class Checkpointer:
             how = " (through the universal format)" if point.universal_path else ""
             log.info("resumed from %s at step %d%s", point.path, point.step, how)
         return client_state
+
+
+def convert_to_universal(tag_dir: Path, out: Path, zero_stage: int) -> None:
+    """Rewrite a ZeRO checkpoint in DeepSpeed's universal format, where every parameter is stored
+    whole (ZeRO shards and tensor-parallel slices merged): `out/zero/<name>/fp32.pt`."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(tag_dir), "--output_folder", str(out),
+        "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]
+    if zero_stage < 3:
+        command.append("--inject_missing_state")  # ZeRO-1/2 shards lack the param-shape map it needs
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"Converting {tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}")
 
 
 # -------------------------------------------------------------------------------------------- RNG

@@ -7,7 +7,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from bigtrain.checkpoint import checkpoint_dir, find_problem, newest_valid, read_manifest
+from bigtrain.checkpoint import (
+    CheckpointError, checkpoint_dir, convert_to_universal, find_problem, newest_valid, read_manifest,
+)
 from bigtrain.config.errors import ConfigError
 from bigtrain.data import load_tokenizer
 from bigtrain.models import build_model_config, has_tied_output
@@ -70,6 +72,8 @@ def fp32_state_dict(tag_dir: Path, model=None) -> dict[str, torch.Tensor]:
         from bigtrain.parallel.pipeline import hf_state_dict_from_layers
 
         return hf_state_dict_from_layers(tag_dir, model)
+    if read_manifest(tag_dir).get("tensor", 1) > 1:
+        return _merged_tensor_parallel_state_dict(tag_dir)
     if not any(tag_dir.glob("*optim_states.pt")):
         # ZeRO-0 in fp32: the module's own weights are the master weights. (Mixed precision writes
         # its fp32 master copy to *optim_states.pt files even at stage 0, handled below.)
@@ -79,3 +83,22 @@ def fp32_state_dict(tag_dir: Path, model=None) -> dict[str, torch.Tensor]:
 
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
+
+
+def _merged_tensor_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Tensor-parallel ranks each save a slice of every sharded weight; DeepSpeed's universal
+    conversion merges the slices (and the ZeRO shards) back into whole fp32 parameters."""
+    import tempfile
+
+    manifest = read_manifest(tag_dir)
+    with tempfile.TemporaryDirectory(prefix="bigtrain-export-") as tmp:
+        out = Path(tmp) / tag_dir.name
+        try:
+            convert_to_universal(tag_dir, out, manifest["zero_stage"])
+        except CheckpointError as err:
+            raise ConfigError(f"Cannot export {tag_dir}: {err}") from None
+        return {
+            param_dir.name: torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+            for param_dir in sorted((out / "zero").iterdir())
+            if (param_dir / "fp32.pt").is_file()
+        }

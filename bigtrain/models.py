@@ -85,6 +85,8 @@ class ModelShape:
     matmul_parameters: int
     num_layers: int
     hidden_size: int
+    largest_parameter: int
+    """Elements of the biggest single parameter tensor (usually the embedding)."""
 
 
 def model_shape(model_cfg: DictConfig) -> ModelShape:
@@ -98,6 +100,7 @@ def model_shape(model_cfg: DictConfig) -> ModelShape:
         matmul_parameters=matmul_parameters(model),
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
+        largest_parameter=max(p.numel() for p in model.parameters()),
     )
 
 

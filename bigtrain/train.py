@@ -75,6 +75,7 @@ def run(cfg: DictConfig) -> TrainResult:
     import deepspeed.comm
 
     from bigtrain.checkpoint import CheckpointError, Checkpointer
+    from bigtrain.comm import build_gradient_exchange
     from bigtrain.config.deepspeed import to_deepspeed_config
     from bigtrain.data import BatchLoader, BatchPlan, build_packed_dataset, rank_zero_first
     from bigtrain.distributed import init_distributed
@@ -166,6 +167,7 @@ def run(cfg: DictConfig) -> TrainResult:
         max_nonfinite_steps=cfg.fault.max_nonfinite_steps,
         straggler_factor=cfg.fault.straggler_factor,
         watchdog=watchdog,
+        exchange=build_gradient_exchange(cfg, engine, ranks.world_size),
         inject_nan_steps=list(cfg.fault.inject_nan_steps),
         inject_slow_rank=cfg.fault.inject_slow_rank,
         inject_slow_step_s=cfg.fault.inject_slow_step_s,

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from bigtrain.checkpoint import Checkpointer
+from bigtrain.comm.exchange import GradientExchange
 from bigtrain.data import BatchLoader
 from bigtrain.metrics import MetricsWriter, peak_memory_gb
 from bigtrain.monitor.timing import StepTimer
@@ -76,6 +77,7 @@ class Trainer:
         max_nonfinite_steps: int,
         straggler_factor: float,
         watchdog=None,
+        exchange: GradientExchange | None = None,
         inject_nan_steps: list[int] = (),
         inject_slow_rank: int = -1,
         inject_slow_step_s: float = 0.0,
@@ -94,6 +96,7 @@ class Trainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.straggler_factor = straggler_factor
         self.watchdog = watchdog
+        self.exchange = exchange or GradientExchange(engine)
         self.inject_nan_steps = set(inject_nan_steps)
         self.rank = dist.get_rank()
         self.slow_step_s = inject_slow_step_s if self.rank == inject_slow_rank else 0.0
@@ -121,7 +124,8 @@ class Trainer:
         completed = start_step
         for step in range(start_step, self.max_steps):
             lr = self.engine.get_lr()[0]
-            loss, skipped = self.train_step(step)
+            with self.exchange.step(step):
+                loss, skipped = self.train_step(step)
             completed = step + 1
             window_steps += 1
             if self.watchdog is not None:
@@ -196,6 +200,8 @@ class Trainer:
             with self.timer.phase("backward"):
                 self.engine.backward(loss)
             with self.timer.phase("optimizer"):
+                if self.engine.is_gradient_accumulation_boundary():
+                    self.exchange.reduce_gradients()
                 self.engine.step()
             total += loss.detach().float()
         # DeepSpeed skips a ZeRO step whose gradient norm is not finite. Under fp16 that is routine
@@ -293,6 +299,7 @@ class Trainer:
         mean_loss = mean_loss.item() / dist.get_world_size()
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
         stragglers = self._find_stragglers()
+        comm = self.exchange.bytes_per_step()
         record = {
             "step": completed,
             "loss": mean_loss if math.isfinite(mean_loss) else None,
@@ -306,6 +313,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "stragglers": stragglers,
             **self.timer.take_window(window_steps),
+            "comm_bytes": comm["total"] if comm else None,
+            "comm_bytes_by_op": comm["by_op"] if comm else None,
         }
         if self.metrics is not None:
             self.metrics.write(record)

@@ -14,6 +14,11 @@ from bigtrain.schedule import lr_ratio
 
 def reference_losses(cfg: DictConfig, dp_size: int, steps: int) -> list[float]:
     """Per-step mean loss of `steps` AdamW steps on the same global batches a `dp_size`-rank run sees."""
+    return reference_run(cfg, dp_size, steps)[0]
+
+
+def reference_run(cfg: DictConfig, dp_size: int, steps: int) -> tuple[list[float], torch.nn.Module]:
+    """reference_losses, and the model as it is after those steps."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.seed)
     dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
@@ -47,4 +52,4 @@ def reference_losses(cfg: DictConfig, dp_size: int, steps: int) -> list[float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-    return losses
+    return losses, model

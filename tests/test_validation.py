@@ -15,6 +15,7 @@ from bigtrain.config.validate import cpu_has_bf16_units, validate
 # name: (overrides, world size, words the message must contain)
 BAD_CONFIGS = {
     "offload_full_without_stage3": (["offload=full", "zero=stage2"], 1, "only ZeRO stage 3 can do"),
+    "nvme_optimizer_below_stage3": (["offload=nvme_optimizer", "offload.nvme_path=/tmp", "zero=stage2"], 1, "DeepSpeed does only at ZeRO stage 3"),
     "offload_optimizer_with_stage0": (["offload=optimizer", "zero=stage0"], 1, "zero=stage0"),
     "batch_arithmetic": (
         ["train.global_batch_size=20", "train.micro_batch_size=8"], 2,
@@ -46,10 +47,23 @@ BAD_CONFIGS = {
     "checkpointing_interval_without_pipeline": (["parallel.activation_checkpoint_interval=1"], 1, "applies to pipeline stages, but parallel.pipeline=1"),
     "tensor_not_dividing_heads": (["parallel.tensor=3"], 3, "parallel.tensor=3 must divide the model's num_attention_heads"),
     "tensor_not_dividing_mlp": (["parallel.tensor=4", "model.hf_config.intermediate_size=690"], 4, "must divide the model's intermediate_size"),
+    "tensor_with_zero0": (["parallel.tensor=2", "zero=stage0"], 2, "ZeRO-0 writes none"),
     "tensor_gpt2": (["parallel.tensor=2", "model=tiny_gpt2"], 2, "AutoTP cannot shard model family 'gpt2'"),
     "removed_deepspeed_feature": (["+deepspeed.sparse_gradients=true"], 1, "DeepSpeed 0.19 removed"),
     "unknown_model_family": (["model.family=not_a_model"], 1, "model.family='not_a_model' is not a model type"),
     "pretrained_not_a_model_folder": (["model.pretrained=/tmp"], 1, "not a Hugging Face model folder"),
+    "onebit_with_zero3": (["comm=onebit", "zero=stage3"], 2, "comm=onebit needs zero=stage0, but the config has zero=stage3"),
+    "powersgd_with_zero2": (["comm=powersgd"], 2, "comm=powersgd needs zero=stage0, but the config has zero=stage2"),
+    "local_sgd_with_bf16": (["comm=local_sgd", "zero=stage0", "precision=bf16"], 2, "comm=local_sgd needs precision=fp32"),
+    "onebit_with_tensor_parallel": (["comm=onebit", "zero=stage0", "parallel.tensor=2"], 2, "every rank as a data-parallel replica"),
+    "compression_with_pipeline": (["comm=fp16_reduce", "parallel.pipeline=2"], 2, "not supported with pipeline parallelism"),
+    "zeropp_without_stage3": (["comm=zeropp_hpz"], 2, "comm=zeropp_hpz is ZeRO++, an extension of ZeRO stage 3"),
+    "zeropp_quantization_on_cpu": (["comm=zeropp", "zero=stage3", "train.device=cpu"], 2, "exist only for GPUs"),
+    "hpz_not_dividing_ranks": (["comm=zeropp_hpz", "zero=stage3", "comm.hpz_partition_size=3"], 2, "comm.hpz_partition_size=3 does not divide the 2 ranks"),
+    "warmup_without_own_exchange": (["comm=bf16_reduce", "comm.warmup_steps=5"], 2, "a warm-up of uncompressed steps exists only for"),
+    "local_sgd_checkpoints_between_syncs": (["comm=local_sgd", "zero=stage0", "checkpoint.interval=10"], 2, "checkpoint.interval=10 is not a multiple of comm.sync_every=8"),
+    "powersgd_rank_zero": (["comm=powersgd", "zero=stage0", "comm.low_rank=0"], 2, "comm.low_rank must be 1 or more, got 0"),
+    "unknown_outer_optimizer": (["comm=local_sgd", "zero=stage0", "comm.outer_optimizer=adam"], 2, "comm.outer_optimizer='adam' is unknown"),
 }
 
 PROBE = textwrap.dedent("""

@@ -4,12 +4,13 @@ The learning-rate schedule is not in it: bigtrain passes its own (bigtrain/sched
 which checkpoints it like its own.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigtrain.config.validate import data_parallel_size, resolve_device
+from bigtrain.config.validate import REDUCED_PRECISION_COMM, ZEROPP_COMM, data_parallel_size, resolve_device
 from bigtrain.parallel.tensor import tensor_parallel_section
 
 
@@ -25,7 +26,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         # the pipeline grid's data axis, but under AutoTP every rank (its groups come later).
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp * cfg.parallel.tensor,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": _zero(cfg),
+        "zero_optimization": _zero(cfg, world_size),
         "optimizer": _optimizer(cfg, on_gpu),
         "bf16": {"enabled": cfg.precision.name == "bf16"},
         "fp16": {"enabled": cfg.precision.name == "fp16", "initial_scale_power": 16},
@@ -35,6 +36,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     }
     if cfg.parallel.tensor > 1:
         ds["tensor_parallel"] = tensor_parallel_section(cfg.parallel.tensor)
+    ds.update(_comm(cfg))
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {
             "enabled": True,
@@ -67,7 +69,7 @@ def _monitors(cfg: DictConfig) -> dict[str, Any]:
     return sections
 
 
-def _zero(cfg: DictConfig) -> dict[str, Any]:
+def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     zero, offload = cfg.zero, cfg.offload
     section: dict[str, Any] = {"stage": zero.stage}
     if zero.stage == 0:
@@ -82,6 +84,61 @@ def _zero(cfg: DictConfig) -> dict[str, Any]:
         section["offload_optimizer"] = _offload_target(offload.optimizer, offload)
     if offload.param != "none":
         section["offload_param"] = _offload_target(offload.param, offload)
+        if offload.param == "nvme":
+            section.update(_nvme_parameters(cfg, data_parallel_size(cfg, world_size)))
+    if offload.sub_group_size is not None:
+        section["sub_group_size"] = offload.sub_group_size
+    if cfg.comm.name in ZEROPP_COMM:
+        section.update(_zeropp(cfg.comm, world_size))
+    return section
+
+
+def _nvme_parameters(cfg: DictConfig, dp: int) -> dict[str, Any]:
+    """ZeRO-3 settings for parameters read from NVMe as each module needs them."""
+    from bigtrain.models import model_shape
+
+    largest_partition = -(-model_shape(cfg.model).largest_parameter // dp)
+    offload_param: dict[str, Any] = {
+        "device": "nvme", "nvme_path": cfg.offload.nvme_path, "pin_memory": cfg.offload.pin_memory,
+        # Each buffer of the pool holds one rank's partition of one parameter: sized to the largest
+        # (DeepSpeed's 1e8 elements is too small for a 128k-vocabulary embedding and, for most
+        # models, several times too big). 5 buffers ran dry in the first step here; 10 did not.
+        "buffer_size": largest_partition,
+        "buffer_count": 10,
+    }
+    if cfg.offload.max_in_cpu is not None:
+        offload_param["max_in_cpu"] = cfg.offload.max_in_cpu
+    return {
+        "offload_param": offload_param,
+        # A gathered parameter must go back to disk as soon as its module is done: with DeepSpeed's
+        # defaults (prefetching, keeping soon-reused parameters live) the buffer pool runs dry,
+        # "Not enough buffers 0 for swapping 1" (DeepSpeed issue #3062; measured at step 2).
+        "stage3_prefetch_bucket_size": 0,
+        "stage3_max_live_parameters": 0,
+        "stage3_max_reuse_distance": 0,
+    }
+
+
+def _zeropp(comm: DictConfig, world_size: int) -> dict[str, Any]:
+    hpz = comm.hpz_partition_size
+    if hpz == 0:  # the ranks of one node, as the launcher counts them; one node without a launcher
+        hpz = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    return {
+        "zero_quantized_weights": comm.quantized_weights,
+        "zero_quantized_gradients": comm.quantized_gradients,
+        "zero_hpz_partition_size": hpz,
+    }
+
+
+def _comm(cfg: DictConfig) -> dict[str, Any]:
+    """Top-level keys for the gradient exchange. bigtrain's own exchanges (onebit, powersgd,
+    local_sgd) need none: they run at ZeRO-0 with the engine's all-reduce switched off."""
+    section: dict[str, Any] = {}
+    if cfg.comm.count_bytes:
+        # The key's presence is what turns DeepSpeed's logger on; prof_all records every collective.
+        section["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
+    if cfg.comm.name in REDUCED_PRECISION_COMM:
+        section["communication_data_type"] = REDUCED_PRECISION_COMM[cfg.comm.name]
     return section
 
 

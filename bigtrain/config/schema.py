@@ -58,6 +58,11 @@ class OffloadConfig:
     """Folder on a fast local disk for nvme offload."""
     pin_memory: bool = False
     """Page-locked host buffers; faster host-device copies on GPU, no gain on a CPU-only machine."""
+    sub_group_size: Optional[int] = None
+    """Elements of optimizer state processed (and, on NVMe, held in RAM) at a time; unset: DeepSpeed's
+    1e9, which for NVMe offload means 16 GB of fp32 weights, gradients and moments in RAM at once."""
+    max_in_cpu: Optional[int] = None
+    """NVMe parameter offload: parameter elements kept in RAM (unset: DeepSpeed's 1e9, 4 GB in fp32)."""
 
 
 @dataclass
@@ -85,7 +90,37 @@ class ParallelConfig:
 @dataclass
 class CommConfig:
     name: str = "none"
-    """Gradient communication compression."""
+    """How the data-parallel gradient exchange is done: none (DeepSpeed's all-reduce as configured),
+    fp16_reduce / bf16_reduce (DeepSpeed's, in 16 bits), zeropp (ZeRO++ on ZeRO-3), or bigtrain's own
+    compressed exchange at ZeRO-0: onebit (signs + block scales, error feedback), powersgd (low-rank,
+    error feedback), local_sgd (average the replicas every sync_every steps)."""
+    count_bytes: bool = True
+    """Count the bytes each rank sends through DeepSpeed's collectives (its comms logger) and log
+    them as comm_bytes in metrics.jsonl. The logger waits for every collective to finish, which on a
+    GPU takes away the overlap of communication with the backward pass: turn it off for speed there."""
+    warmup_steps: int = 0
+    """onebit, powersgd, local_sgd: steps trained with DeepSpeed's plain all-reduce before compression
+    starts (as 1-bit Adam's warm-up); these steps are exactly those of comm=none."""
+    error_feedback: bool = True
+    """onebit, powersgd: add what compression dropped from this step's gradient to the next one."""
+    low_rank: int = 4
+    """powersgd: rank of each gradient matrix's approximation."""
+    sync_every: int = 8
+    """local_sgd: steps each rank trains on its own before the replicas are averaged."""
+    outer_optimizer: str = "none"
+    """local_sgd: none (replace each replica by the average) or nesterov (DiLoCo: SGD with Nesterov
+    momentum on the averaged change since the last sync)."""
+    outer_lr: float = 0.7
+    """local_sgd with outer_optimizer=nesterov: learning rate of the outer step."""
+    outer_momentum: float = 0.9
+    """local_sgd with outer_optimizer=nesterov: momentum of the outer step."""
+    quantized_weights: bool = False
+    """zeropp: all-gather parameters in int8 (qwZ); needs a GPU."""
+    quantized_gradients: bool = False
+    """zeropp: reduce gradients with an int4 all-to-all (qgZ); DeepSpeed uses it only across nodes."""
+    hpz_partition_size: int = 1
+    """zeropp: ranks holding a secondary copy of the parameters, for backward all-gathers within a
+    node (hpZ); 1 turns it off, 0 means the ranks of one node (the launcher's local world size)."""
 
 
 @dataclass

@@ -17,6 +17,12 @@ OPTIMIZERS = {"adamw", "adam"}
 SCHEDULERS = {"warmup_cosine", "constant"}
 OFFLOAD_DEVICES = {"none", "cpu", "nvme"}
 PRECISIONS = {"fp32", "bf16", "fp16"}
+# comm options: DeepSpeed's exchange in 16 bits, ZeRO++, and the exchanges bigtrain runs itself.
+REDUCED_PRECISION_COMM = {"fp16_reduce": "fp16", "bf16_reduce": "bf16"}
+ZEROPP_COMM = {"zeropp", "zeropp_hpz"}
+BIGTRAIN_EXCHANGES = {"onebit", "powersgd", "local_sgd"}
+COMM_OPTIONS = {"none", *REDUCED_PRECISION_COMM, *ZEROPP_COMM, *BIGTRAIN_EXCHANGES}
+OUTER_OPTIMIZERS = {"none", "nesterov"}
 # DeepSpeed 0.19 removed these features; a config key for any of them is a hard error there.
 REMOVED_DEEPSPEED_KEYS = {
     "sparse_gradients", "elasticity", "compression_training", "amp", "quantize_training",
@@ -42,6 +48,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first problem found in `cfg` for a job of `world_size` processes."""
     _check_complete(cfg)
     _check_positive(cfg)
+    _check_comm(cfg, world_size)
     _check_layout(cfg, world_size)
     _check_zero_and_offload(cfg)
     _check_precision(cfg)
@@ -116,6 +123,12 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
             "model's, so training would drift from what the config says. Use zero=stage1 (which clips by "
             "the global norm), or optimizer.grad_clip=0."
         )
+    if tp > 1 and cfg.zero.stage == 0:
+        raise ConfigError(
+            f"parallel.tensor={tp} with zero=stage0: a tensor-parallel checkpoint is exported (and resumed "
+            "on other layouts) through DeepSpeed's universal format, which is built from the optimizer "
+            "shards ZeRO writes; ZeRO-0 writes none. Use zero=stage1 (or 2, 3) with tensor parallelism."
+        )
     method = cfg.parallel.pipeline_partition
     if method not in ("parameters", "uniform") and not (method.startswith("type:") and len(method) > 5):
         raise ConfigError(
@@ -148,6 +161,108 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
         )
 
 
+def _check_comm(cfg: DictConfig, world_size: int) -> None:
+    """Gradient compression only where it is sound; checked before the layout, so that a refused
+    combination with model parallelism names the compression, not the layout."""
+    comm, name = cfg.comm, cfg.comm.name
+    if name not in COMM_OPTIONS:
+        raise ConfigError(f"comm={name!r} is unknown. Use one of {sorted(COMM_OPTIONS)}.")
+    _check_comm_knobs(comm)
+    if name == "none":
+        return
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(
+            f"comm={name} with parallel.pipeline={cfg.parallel.pipeline}: gradient compression is not "
+            "supported with pipeline parallelism (DeepSpeed's pipeline engine reduces gradients in its "
+            "own schedule, which neither DeepSpeed's comm options nor bigtrain's exchange reach). Use "
+            "comm=none, or parallel.pipeline=1."
+        )
+    if comm.warmup_steps > 0 and name not in BIGTRAIN_EXCHANGES:
+        raise ConfigError(
+            f"comm.warmup_steps={comm.warmup_steps} with comm={name}: a warm-up of uncompressed steps "
+            f"exists only for {', '.join(sorted(BIGTRAIN_EXCHANGES))}; DeepSpeed applies comm={name} "
+            "from the first step to the last. Remove comm.warmup_steps."
+        )
+    if name in ZEROPP_COMM:
+        _check_zeropp(cfg, world_size)
+    elif name in BIGTRAIN_EXCHANGES:
+        _check_bigtrain_exchange(cfg)
+
+
+def _check_comm_knobs(comm: DictConfig) -> None:
+    for key in ("low_rank", "sync_every"):
+        if comm[key] < 1:
+            raise ConfigError(f"comm.{key} must be 1 or more, got {comm[key]}. Set comm.{key} to a value above 0.")
+    for key in ("warmup_steps", "hpz_partition_size"):
+        if comm[key] < 0:
+            raise ConfigError(f"comm.{key} must be 0 or more, got {comm[key]}.")
+    if comm.outer_optimizer not in OUTER_OPTIMIZERS:
+        raise ConfigError(
+            f"comm.outer_optimizer={comm.outer_optimizer!r} is unknown. Use none (plain averaging) or "
+            "nesterov (DiLoCo's outer step)."
+        )
+    if comm.outer_lr <= 0 or not 0 <= comm.outer_momentum < 1:
+        raise ConfigError(
+            f"comm.outer_lr={comm.outer_lr} and comm.outer_momentum={comm.outer_momentum}: the outer "
+            "learning rate must be positive and the momentum in [0, 1); DiLoCo uses 0.7 and 0.9."
+        )
+
+
+def _check_zeropp(cfg: DictConfig, world_size: int) -> None:
+    comm = cfg.comm
+    if cfg.zero.stage != 3:
+        raise ConfigError(
+            f"comm={comm.name} is ZeRO++, an extension of ZeRO stage 3, but the config has "
+            f"zero=stage{cfg.zero.stage}. Use zero=stage3, or comm=fp16_reduce/bf16_reduce to cut "
+            "gradient bytes at this stage."
+        )
+    if resolve_device(cfg) == "cpu" and (comm.quantized_weights or comm.quantized_gradients):
+        raise ConfigError(
+            f"comm={comm.name} quantizes weights (comm.quantized_weights={str(comm.quantized_weights).lower()}) "
+            f"and gradients (comm.quantized_gradients={str(comm.quantized_gradients).lower()}) with DeepSpeed kernels "
+            "that exist only for GPUs ('This op had not been implemented on CPU backend'). On a CPU use "
+            "comm=zeropp_hpz (hierarchical partitioning only), or set both to false."
+        )
+    hpz = comm.hpz_partition_size
+    if hpz > 1 and world_size % hpz:
+        raise ConfigError(
+            f"comm.hpz_partition_size={hpz} does not divide the {world_size} ranks of the job: every "
+            "rank must belong to one secondary-partition group. Use the number of ranks per node, or "
+            "0 to take it from the launcher."
+        )
+
+
+def _check_bigtrain_exchange(cfg: DictConfig) -> None:
+    comm = cfg.comm
+    if cfg.zero.stage != 0:
+        raise ConfigError(
+            f"comm={comm.name} needs zero=stage0, but the config has zero=stage{cfg.zero.stage}: bigtrain "
+            "replaces DeepSpeed's gradient all-reduce with its own exchange, and only at ZeRO-0 is that "
+            "a plain all-reduce of whole gradients; ZeRO-1/2/3 reduce-scatter gradients into optimizer "
+            "partitions inside DeepSpeed. Use zero=stage0, or comm=fp16_reduce/bf16_reduce (any stage)."
+        )
+    if cfg.precision.name != "fp32":
+        raise ConfigError(
+            f"comm={comm.name} needs precision=fp32, but the config has precision={cfg.precision.name}: "
+            "with bf16 or fp16 at ZeRO-0, DeepSpeed's optimizer wrapper shards the fp32 master weights "
+            "and all-gathers them every step (bf16), or rescales gradients by a changing loss scale that "
+            "the error-feedback memory would not follow (fp16). Use precision=fp32, or comm=bf16_reduce."
+        )
+    if cfg.parallel.tensor > 1:
+        raise ConfigError(
+            f"comm={comm.name} with parallel.tensor={cfg.parallel.tensor}: bigtrain's exchange treats "
+            "every rank as a data-parallel replica of the whole model. Use parallel.tensor=1, or "
+            "comm=fp16_reduce/bf16_reduce."
+        )
+    every = comm.sync_every
+    if comm.name == "local_sgd" and cfg.checkpoint.interval % every:
+        raise ConfigError(
+            f"checkpoint.interval={cfg.checkpoint.interval} is not a multiple of comm.sync_every={every}: "
+            "with comm=local_sgd the replicas differ between syncs, and a checkpoint holds rank 0's "
+            f"replica only. Use a checkpoint.interval that is a multiple of {every} (or 0)."
+        )
+
+
 def _check_zero_and_offload(cfg: DictConfig) -> None:
     stage, off = cfg.zero.stage, cfg.offload
     if stage not in (0, 1, 2, 3):
@@ -158,6 +273,12 @@ def _check_zero_and_offload(cfg: DictConfig) -> None:
                 f"offload.{key}={off[key]!r} is not a place DeepSpeed can offload to. "
                 f"Use one of {sorted(OFFLOAD_DEVICES)}."
             )
+    if off.optimizer == "nvme" and stage != 3:
+        raise ConfigError(
+            f"offload={off.name} puts optimizer states on NVMe, which DeepSpeed does only at ZeRO stage 3 "
+            f"(at zero=stage{stage} it would silently keep them in CPU RAM). Use zero=stage3, or "
+            "offload=optimizer for CPU RAM."
+        )
     if off.param != "none" and stage != 3:
         raise ConfigError(
             f"offload={off.name} moves parameters off the device, which only ZeRO stage 3 can do; "

@@ -17,10 +17,11 @@ def format_step_line(r: dict, max_steps: int) -> str:
     loss = "skipped (non-finite)" if r["skipped"] else f"loss {r['loss']:.4f}"
     mfu = f"  MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     eta = f"  ETA {format_duration(r['eta_s'])}" if r.get("eta_s") is not None else ""
+    comm = f"  comm {r['comm_bytes'] / 1e6:.2f} MB" if r.get("comm_bytes") is not None else ""
     return (
         f"step {r['step']:>6}/{max_steps}  {loss}  lr {r['lr']:.2e}  "
         f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1000:.0f} ms/step  "
-        f"{r['tflops']:.3f} TFLOP/s{mfu}  {r['mem_gb']:.2f} GB{eta}"
+        f"{r['tflops']:.3f} TFLOP/s{mfu}  {r['mem_gb']:.2f} GB{comm}{eta}"
     )
 
 
