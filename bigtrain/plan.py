@@ -74,8 +74,10 @@ def model_facts(model_cfg: DictConfig) -> ModelFacts:
 def measure_import_gb() -> float:
     """Peak RSS of a fresh process after importing what every rank imports (torch, DeepSpeed,
     transformers, datasets): measured, not assumed, since it differs between builds and machines."""
-    code = ("import resource, torch, deepspeed, transformers, datasets; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent through fork and
+    # exec, so a large parent (a notebook, a test session) would be measured instead.
+    code = ("import torch, deepspeed, transformers, datasets; "
+            "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')))")
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
