@@ -76,7 +76,8 @@ def run_option(overrides: list[str], launch_prefix: list[str], workdir: Path, wa
                env: dict | None = None, timeout: float = 3600) -> dict:
     """Train one option with `launch_prefix + ["bigtrain.train", *overrides]`; read its metrics.jsonl."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
-    command = [*launch_prefix, "bigtrain.train", *overrides, f"run_dir={run_dir}", "logging.interval=1",
+    command = [*launch_prefix, "bigtrain.train", *overrides, f"run_dir={run_dir}", "comm.count_bytes=true",
+               "logging.interval=1",
                "logging.tensorboard=false", "checkpoint.save_final=false", "checkpoint.resume=never"]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})),
@@ -96,6 +97,7 @@ def run_option(overrides: list[str], launch_prefix: list[str], workdir: Path, wa
         "steps": records[-1]["step"],
         "wall_s": wall,
         "losses": [r["loss"] for r in records],
+        "step_times": [r["step_time_s"] for r in records],
     }
 
 

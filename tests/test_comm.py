@@ -43,7 +43,8 @@ def runs(tmp_path_factory):
         if name not in done:
             tmp = tmp_path_factory.mktemp(name)
             run_dir = tmp / "run"
-            run_bigtrain("torchrun", 2, [*FAST, *RUNS[name], "checkpoint.save_final=false", f"run_dir={run_dir}"],
+            run_bigtrain("torchrun", 2, [*FAST, *RUNS[name], "comm.count_bytes=true", "checkpoint.save_final=false",
+                                                 f"run_dir={run_dir}"],
                          cwd=tmp)
             metrics = read_metrics(run_dir)
             assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

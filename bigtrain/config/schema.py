@@ -94,10 +94,10 @@ class CommConfig:
     fp16_reduce / bf16_reduce (DeepSpeed's, in 16 bits), zeropp (ZeRO++ on ZeRO-3), or bigtrain's own
     compressed exchange at ZeRO-0: onebit (signs + block scales, error feedback), powersgd (low-rank,
     error feedback), local_sgd (average the replicas every sync_every steps)."""
-    count_bytes: bool = True
+    count_bytes: bool = False
     """Count the bytes each rank sends through DeepSpeed's collectives (its comms logger) and log
-    them as comm_bytes in metrics.jsonl. The logger waits for every collective to finish, which on a
-    GPU takes away the overlap of communication with the backward pass: turn it off for speed there."""
+    them as comm_bytes in metrics.jsonl. Off by default: the logger waits for every collective to
+    finish, which on a GPU takes away the overlap of communication with the backward pass."""
     warmup_steps: int = 0
     """onebit, powersgd, local_sgd: steps trained with DeepSpeed's plain all-reduce before compression
     starts (as 1-bit Adam's warm-up); these steps are exactly those of comm=none."""
