@@ -93,8 +93,14 @@ def run_bigtrain(overrides: list[str], ranks: int, workdir: Path, warmup: int) -
     return {
         "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
         "tflops": sum(r["tflops"] for r in steady) / len(steady), "peak_mem_gb": records[-1]["mem_gb"],
-        "time_to_first_step_s": first_step_s, "run_dir": str(run_dir),
+        "time_to_first_step_s": first_step_s, "run_dir": str(run_dir), "phases": step_phases(steady),
     }
+
+
+def step_phases(records: list[dict]) -> dict[str, float]:
+    """Rank 0's mean seconds per step in each phase bigtrain's monitor times (metrics.jsonl)."""
+    return {phase: sum(r[f"{phase}_s"] for r in records) / len(records)
+            for phase in ("data", "forward", "backward", "optimizer")}
 
 
 def run_raw(run_dir: str, ranks: int, seq_len: int, steps: int, warmup: int, workdir: Path) -> dict:
@@ -250,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
                            device == "cuda" and way != "plain_pytorch" else 1)),
                            "peak_mem_gb": mean(way, "peak_mem_gb")}
     comparison["bigtrain"]["time_to_first_step_s"] = mean("bigtrain", "time_to_first_step_s")
+    comparison["bigtrain"]["phases"] = {phase: sum(r["bigtrain"]["phases"][phase] for r in rounds) / len(rounds)
+                                        for phase in rounds[0]["bigtrain"]["phases"]}
     ratios = {"bigtrain / raw DeepSpeed": comparison["bigtrain"]["tokens_per_s"] / comparison["raw_deepspeed"]["tokens_per_s"],
               "bigtrain / plain PyTorch": comparison["bigtrain"]["tokens_per_s"] / comparison["plain_pytorch"]["tokens_per_s"]}
 
@@ -318,6 +326,11 @@ def _markdown(r: dict) -> str:
     lines += [""] + [f"- {name}: **{value:.2f}**" for name, value in r["ratios"].items()]
     lines += ["", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**missed**'} |" for t in r["targets"]]
+    phases = r["comparison"]["bigtrain"].get("phases")
+    if phases:
+        lines += ["", "Where a bigtrain step's time goes (rank 0, bigtrain's step-time split): " + ", ".join(
+            f"{phase} {seconds * 1000:.0f} ms" for phase, seconds in phases.items()) + " (backward holds "
+            "ZeRO's gradient reduction, optimizer the step and, at ZeRO-1/2, the parameter all-gather)."]
     prof = r["profile"]
     lines += ["", f"Where a plain-PyTorch step's time goes (torch.profiler, self CPU time): matrix multiplies "
                   f"(mm, addmm, bmm) {prof['matmul_share']:.0%}; top operators: " + ", ".join(
