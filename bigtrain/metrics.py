@@ -1,5 +1,5 @@
 """Per-step training metrics: throughput, achieved FLOP/s and MFU, memory; written to metrics.jsonl,
-DeepSpeed's monitor (TensorBoard, CSV, W&B) and the progress display on rank 0."""
+DeepSpeed's monitor (TensorBoard, CSV), W&B and the progress display on rank 0."""
 
 import json
 import resource
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.monitor.progress import Progress
-from bigtrain.monitor.sinks import finish_wandb
+from bigtrain.monitor.sinks import WandbSink
 from bigtrain.monitor.system import SystemStats
 
 
@@ -29,19 +29,20 @@ def peak_memory_gb(device: str) -> float:
 
 
 class MetricsWriter:
-    """Rank 0's sinks for one run: metrics.jsonl, DeepSpeed's monitor (TensorBoard, CSV, W&B as
-    configured) and the progress display. Adds to each step's record what only rank 0 knows: MFU,
+    """Rank 0's sinks for one run: metrics.jsonl, DeepSpeed's monitor (TensorBoard, CSV as
+    configured), W&B if configured, and the progress display. Adds to each step's record what only rank 0 knows: MFU,
     its CPU (and GPU) use, elapsed time and the time left."""
 
     def __init__(self, run_dir: str, monitor, max_steps: int, print_steps: bool, *,
                  start_step: int = 0, peak_tflops: float | None = None, world_size: int = 1,
-                 system: SystemStats | None = None):
+                 system: SystemStats | None = None, wandb: WandbSink | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.monitor = monitor
         self.max_steps = max_steps
         self.peak_tflops = peak_tflops
         self.world_size = world_size
         self.system = system
+        self.wandb = wandb
         self.progress = Progress(max_steps, start_step) if print_steps else None
         self.started = time.perf_counter()
         self._file = self.path.open("a")
@@ -71,6 +72,8 @@ class MetricsWriter:
                     if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
                 ]
             )
+        if self.wandb is not None:
+            self.wandb.log(record)
         if self.progress is not None:
             self.progress.logged(record)
 
@@ -89,4 +92,5 @@ class MetricsWriter:
         self._file.close()
         if self.progress is not None:
             self.progress.close()
-        finish_wandb()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> TrainResult:
     from bigtrain.engine import build_engine
     from bigtrain.metrics import MetricsWriter, flops_per_token
     from bigtrain.monitor.peak import resolve_peak_tflops
-    from bigtrain.monitor.sinks import prepare_wandb
+    from bigtrain.monitor.sinks import WandbSink
     from bigtrain.monitor.system import SystemStats
     from bigtrain.models import build_model, model_shape
     from bigtrain.parallel.topology import Layout
@@ -136,7 +136,6 @@ def run(cfg: DictConfig) -> TrainResult:
         raise SystemExit(exit_codes.CONFIG_ERROR) from None
 
     _phase(watchdog, "starting")
-    prepare_wandb(cfg.logging, run_dir)
     engine = build_engine(model, ds_config, cfg)
     checkpointer.attach(engine)
     start_step, samples_seen = 0, 0
@@ -152,6 +151,7 @@ def run(cfg: DictConfig) -> TrainResult:
         metrics = MetricsWriter(
             str(run_dir), engine.monitor, cfg.train.max_steps, cfg.logging.progress, start_step=start_step,
             peak_tflops=peak, world_size=ranks.world_size, system=SystemStats(device, ranks.local_rank),
+            wandb=WandbSink(cfg, run_dir) if cfg.logging.wandb else None,
         )
         metrics.drop_after(start_step)  # steps logged after the checkpoint will be trained again
     trainer = Trainer(

@@ -1,11 +1,12 @@
 """One real 2-rank run shared by the monitoring, report, sample and planner tests (launched once per
-test session): tiny Llama, ZeRO-2, 10 steps, with the CSV sink and DeepSpeed's flops profiler on."""
+test session): tiny Llama, ZeRO-2, 10 steps, with the CSV and W&B (offline) sinks and DeepSpeed's flops
+profiler on."""
 
 import json
 
 from conftest import FAST, run_bigtrain
 
-OVERRIDES = [*FAST, "zero=stage2", "logging.csv=true", "logging.flops_profile_step=3"]
+OVERRIDES = [*FAST, "zero=stage2", "logging.csv=true", "logging.wandb=true", "logging.flops_profile_step=3"]
 RANKS = 2
 
 

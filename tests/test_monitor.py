@@ -1,7 +1,8 @@
-"""Monitoring on a real 2-rank run: the step-time split, MFU, CPU use, ETA, the CSV and TensorBoard
-sinks and DeepSpeed's flops profiler; and the progress bar of a run on a terminal."""
+"""Monitoring on a real 2-rank run: the step-time split, MFU, CPU use, ETA, the CSV, TensorBoard and
+W&B (offline) sinks and DeepSpeed's flops profiler; and the progress bar of a run on a terminal."""
 
 import csv
+import json
 import fcntl
 import os
 import pty
@@ -62,6 +63,46 @@ def test_csv_and_tensorboard_sinks_hold_the_logged_values(run):
         assert rows[0] == ["step", field]
         assert [(int(s), float(v)) for s, v in rows[1:]] == [(m["step"], pytest.approx(m[field])) for m in metrics]
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of a W&B run file: a LevelDB-style log (7-byte header ":W&B", then 32 KiB
+    blocks of chunks, each with a 7-byte header: crc, length, type) of wandb's Record protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, rows = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+@pytest.mark.multiprocess
+def test_wandb_offline_run_holds_every_logged_step(run):
+    """W&B in offline mode (no network here): one run under run_dir/wandb whose history has every
+    logged step with the values of metrics.jsonl, indexed by bigtrain's step."""
+    run_dir, _ = run
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1, offline
+    history = wandb_history(offline[0])
+    metrics = records(run_dir)
+    assert [row["train/step"] for row in history] == [m["step"] for m in metrics]
+    for row, m in zip(history, metrics):
+        assert row["train/loss"] == pytest.approx(m["loss"]) and row["train/mfu"] == pytest.approx(m["mfu"])
+        assert row["train/forward_s"] == pytest.approx(m["forward_s"])
 
 
 @pytest.mark.multiprocess

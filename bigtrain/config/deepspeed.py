@@ -48,15 +48,12 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
 
 
 def _monitors(cfg: DictConfig) -> dict[str, Any]:
-    """DeepSpeed's other sinks for the metrics bigtrain writes through the engine's monitor, and its
-    flops profiler (whose profile_step counts completed optimizer steps, so step N is N - 1)."""
+    """DeepSpeed's other sinks for the metrics bigtrain writes through the engine's monitor (W&B is
+    bigtrain's own: bigtrain/monitor/sinks.py), and its flops profiler (whose profile_step counts completed optimizer steps, so step N is N - 1)."""
     logging, run_dir = cfg.logging, Path(cfg.run_dir)
     sections: dict[str, Any] = {}
     if logging.csv:
         sections["csv_monitor"] = {"enabled": True, "output_path": str(run_dir / "csv"), "job_name": "train"}
-    if logging.wandb:
-        # W&B's mode and folder are set through its environment (bigtrain/monitor/sinks.py).
-        sections["wandb"] = {"enabled": True, "project": logging.wandb_project, "group": logging.wandb_group}
     if logging.flops_profile_step > 0:
         sections["flops_profiler"] = {
             "enabled": True,
