@@ -81,7 +81,9 @@ def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path, bac
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-1 and -2 share DeepSpeed's optimizer (stage_1_and_2.py) and its universal-checkpoint loader;
+# ZeRO-3 has its own.
+@pytest.mark.parametrize("stage", [1, 3])
 def test_resume_on_another_number_of_ranks(tmp_path, stage):
     """1 rank (2 micro-batches accumulated) for 3 steps, 2 ranks (same global batch) to step 5, then
     1 rank again to step 7. Every step matches the single-process reference within 1e-4, the parity
