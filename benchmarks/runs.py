@@ -39,9 +39,10 @@ def launch_and_watch(overrides: list[str], ranks: int, run_dir: Path, log_path: 
             peak_swap = max(peak_swap, sum(f.stat().st_size for f in swap_dir.rglob("*") if f.is_file()) / 1e9)
         try:
             for child in launcher.children(recursive=True):
-                if "bigtrain.train" in " ".join(child.cmdline()):
-                    rank = int(child.environ().get("RANK", -1))
-                    peak_rss[rank] = max(peak_rss.get(rank, 0.0), child.memory_info().rss / 1e9)
+                # the ranks: the launcher processes name the module too, but have no RANK
+                rank = child.environ().get("RANK")
+                if rank is not None and "bigtrain.train" in " ".join(child.cmdline()):
+                    peak_rss[int(rank)] = max(peak_rss.get(int(rank), 0.0), child.memory_info().rss / 1e9)
         except psutil.Error:  # a rank ended between listing and reading
             pass
         if first_step_s is None and metrics.exists() and metrics.stat().st_size:
