@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigtrain.checkpoint import Checkpointer, tag_for
+from bigtrain.checkpoint import Checkpointer
 from bigtrain.config import compose
 from bigtrain.config.deepspeed import to_deepspeed_config
 from bigtrain.distributed import init_distributed, select_accelerator

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import _commit, _versions
+from benchmarks.throughput import _commit, _versions, write_result
 from bigtrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,12 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(markdown(result))
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"compression-{device}-{result['date']}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(result))
-        print(f"wrote {stem}.json and .md")
+        write_result(args.out, f"compression-{device}-{result['date']}", result, markdown(result))
     return result
 
 

@@ -25,7 +25,6 @@ Results: benchmarks/results/largest_model-<device>-<date>.{json,md}.
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.runs import launch_and_watch
-from benchmarks.throughput import RESULTS, _commit, _versions
+from benchmarks.throughput import RESULTS, _commit, _versions, write_result
 
 # q and o are 2048 x 2048; k and v 2048 x 256 (4 KV heads of 64); the MLP three 2048 x 5632 matrices.
 LAYER_PARAMS = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632
@@ -135,12 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["nvme_offload"] = run_nvme(args.nvme_ranks, workdir, args.nvme_path, args.nvme_layers)
         result["nvme_offload"]["ranks"] = args.nvme_ranks
     print(_markdown(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"largest_model-cpu-{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(result))
-    print(f"wrote {stem}.json and .md")
+    write_result(args.out, f"largest_model-cpu-{result['date']}", result, _markdown(result))
     return result
 
 

@@ -16,7 +16,6 @@ Results: benchmarks/results/model_parallel-<device>-<date>.{json,md}.
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.runs import launch_and_watch
-from benchmarks.throughput import RESULTS, _commit, _versions
+from benchmarks.throughput import RESULTS, _commit, _versions, write_result
 
 MODEL = ["model=tiny_llama", "model.name=llama_119m", "model.hf_config.hidden_size=768",
          "model.hf_config.intermediate_size=2048", "model.hf_config.num_hidden_layers=16",
@@ -83,12 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
               "versions": _versions(), "commit": _commit(), "params": params, "ranks": args.ranks,
               "global_batch": args.global_batch, "seq_len": SEQ_LEN, "steps": args.steps, "layouts": rows}
     print(_markdown(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"model_parallel-{result['device']}-{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(result))
-    print(f"wrote {stem}.json and .md")
+    write_result(args.out, f"model_parallel-{result['device']}-{result['date']}", result, _markdown(result))
     return result
 
 

@@ -13,7 +13,6 @@ root (namespaces). Results: benchmarks/results/slow_link-<date>.{json,md}.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.compression import RESULTS, run_option
-from benchmarks.throughput import _commit, _versions
+from benchmarks.throughput import _commit, _versions, write_result
 from bigtrain.distributed import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -93,12 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_steps": WARMUP, "common_overrides": common, "rows": rows,
     }
     print(markdown(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"slow_link-{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.json and .md")
+    write_result(args.out, f"slow_link-{result['date']}", result, markdown(result))
     return result
 
 

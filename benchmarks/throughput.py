@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -299,12 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(_markdown(result))
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"throughput-{device}-{result['date']}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(_markdown(result))
-        print(f"wrote {stem}.json and .md")
+        write_result(args.out, f"throughput-{device}-{result['date']}", result, _markdown(result))
     return result
 
 
@@ -361,6 +355,16 @@ def _versions() -> str:
 def _commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return proc.stdout.strip() or "unknown"
+
+
+def write_result(out: str | Path, stem_name: str, result: dict, markdown: str) -> None:
+    """A benchmark's result as <out>/<stem_name>.json and .md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / stem_name
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

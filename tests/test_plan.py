@@ -15,9 +15,8 @@ import subprocess
 
 import pytest
 
-from bigtrain.config import compose
 from bigtrain.memory import GB, Layout, model_state_bytes
-from bigtrain.plan import Hardware, measure_import_gb, plan, process_baseline_gb
+from bigtrain.plan import Hardware, plan, process_baseline_gb
 from conftest import BIN, run_bigtrain
 
 WIDE = ["model.hf_config.hidden_size=512", "model.hf_config.intermediate_size=1376",
