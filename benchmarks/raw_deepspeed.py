@@ -10,13 +10,14 @@ pipeline), no bigtrain code at all. Rank 0 writes steady-state tokens/s, step ti
 import argparse
 import json
 import os
-import resource
 import time
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from bigtrain.metrics import peak_rss_gb
 
 
 def rss_gb() -> float:
@@ -65,7 +66,7 @@ def main() -> None:
             "tokens_per_s": ds_config["train_batch_size"] * args.seq_len / step_time,
             "step_time_s": step_time,
             "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9 if on_gpu
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9),
+                            else peak_rss_gb()),
             "model_state_gb": model_state_gb if not on_gpu else torch.cuda.memory_allocated() / 1e9,
         }, open(args.out, "w"))
     torch.distributed.destroy_process_group()

@@ -120,8 +120,9 @@ def run_raw(run_dir: str, ranks: int, seq_len: int, steps: int, warmup: int, wor
 def run_plain(run_dir: str, global_batch: int, seq_len: int, steps: int, warmup: int) -> dict:
     """One process, every core, torch AdamW: in a child so its memory is its own."""
     code = f"""
-import json, resource, time, torch
+import json, time, torch
 from omegaconf import OmegaConf
+from bigtrain.metrics import peak_rss_gb
 from transformers import AutoConfig, AutoModelForCausalLM
 cfg = OmegaConf.load({str(Path(run_dir) / 'config.yaml')!r})
 torch.manual_seed(0)
@@ -140,7 +141,7 @@ for step in range({warmup + steps}):
     times.append(time.perf_counter() - start)
 step_time = sum(times[{warmup}:]) / {steps}
 print(json.dumps({{"tokens_per_s": {global_batch * seq_len} / step_time, "step_time_s": step_time,
-                  "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}}))
+                  "peak_mem_gb": peak_rss_gb()}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

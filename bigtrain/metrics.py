@@ -24,8 +24,22 @@ def peak_memory_gb(device: str) -> float:
     """Peak memory of this rank: device memory on a GPU, resident set size on the CPU."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
-    return kilobytes * 1024 / 1e9
+    return peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """This process's own peak resident set size. Linux's VmHWM counts this program only; getrusage's
+    ru_maxrss carries the parent's peak over through fork and exec, so a rank or child started from a
+    large process (a notebook, a test session) would report the parent's. ru_maxrss is the fallback
+    where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux and BSD: KiB
 
 
 class MetricsWriter:

@@ -74,17 +74,15 @@ def model_facts(model_cfg: DictConfig) -> ModelFacts:
 def measure_import_gb() -> float:
     """Peak RSS of a fresh process after importing what every rank imports (torch, DeepSpeed,
     transformers, datasets): measured, not assumed, since it differs between builds and machines."""
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent through fork and
-    # exec, so a large parent (a notebook, a test session) would be measured instead.
-    code = ("import torch, deepspeed, transformers, datasets; "
-            "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')))")
+    code = ("import torch, deepspeed, transformers, datasets; from bigtrain.metrics import peak_rss_gb; "
+            "print(peak_rss_gb())")
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise ConfigError(f"Could not measure the process baseline (importing torch/DeepSpeed failed): "
                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}. "
                           "Pass --baseline-gb to state it.")
-    return int(proc.stdout.strip().splitlines()[-1]) * 1024 / GB
+    return float(proc.stdout.strip().splitlines()[-1])  # GB, as peak_rss_gb gives it
 
 
 def this_machine(device: str | None) -> Hardware:
