@@ -139,14 +139,15 @@ def _launch(cfg: DictConfig, overrides: list[str], nproc: int, launcher: str, qu
             if not quiet:
                 print(line, end="", flush=True)
         code = proc.wait()
+    from bigtrain.checkpoint import checkpoint_dir, read_latest
+
     records = read_metrics(run_dir)
-    latest = run_dir / "checkpoints" / "latest"
-    checkpoint = str(latest.parent / latest.read_text().strip()) if latest.is_file() else None
+    latest = read_latest(checkpoint_dir(cfg))  # checkpoint.dir may lie outside the run dir
     return TrainResult(
         final_loss=records[-1]["loss"] if records else None,
         steps=records[-1]["step"] if records else 0,
         run_dir=str(run_dir),
-        checkpoint=checkpoint,
+        checkpoint=str(latest) if latest else None,
         exit_code=code,
         metrics=records,
         command=command,

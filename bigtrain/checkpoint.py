@@ -69,6 +69,12 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     return path if path.is_absolute() else Path(cfg.run_dir) / path
 
 
+def read_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint folder the `latest` pointer names (unchecked), or None without a pointer."""
+    pointer = ckpt_dir / LATEST
+    return ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+
+
 # ---------------------------------------------------------------------------------------- verify
 
 
@@ -178,8 +184,7 @@ class Checkpointer:
         return self.interval > 0 and completed_steps % self.interval == 0
 
     def latest(self) -> Path | None:
-        pointer = self.dir / LATEST
-        return self.dir / pointer.read_text().strip() if pointer.is_file() else None
+        return read_latest(self.dir)
 
     # -- save
 

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from bigtrain.checkpoint import (
-    CheckpointError, checkpoint_dir, convert_to_universal, find_problem, newest_valid, read_manifest,
+    CheckpointError, checkpoint_dir, convert_to_universal, find_problem, newest_valid, read_latest, read_manifest,
 )
 from bigtrain.config.errors import ConfigError
 from bigtrain.data import load_tokenizer
@@ -53,9 +53,7 @@ def _pick_checkpoint(cfg, checkpoint: str | None) -> Path:
             raise ConfigError(f"Cannot export {checkpoint}: {problem}.")
         return tag_dir
     ckpt_dir = checkpoint_dir(cfg)
-    pointer = ckpt_dir / "latest"
-    latest = ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
-    tag_dir, warnings = newest_valid(ckpt_dir, latest=latest)
+    tag_dir, warnings = newest_valid(ckpt_dir, latest=read_latest(ckpt_dir))
     for warning in warnings:
         log.warning("%s; exporting an earlier checkpoint", warning)
     if tag_dir is None:
