@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.monitor.timing import PHASES
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
@@ -99,7 +101,7 @@ def run_bigtrain(overrides: list[str], ranks: int, workdir: Path, warmup: int) -
 def step_phases(records: list[dict]) -> dict[str, float]:
     """Rank 0's mean seconds per step in each phase bigtrain's monitor times (metrics.jsonl)."""
     return {phase: sum(r[f"{phase}_s"] for r in records) / len(records)
-            for phase in ("data", "forward", "backward", "optimizer")}
+            for phase in PHASES}
 
 
 def run_raw(run_dir: str, ranks: int, seq_len: int, steps: int, warmup: int, workdir: Path) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from bigtrain.config.errors import ConfigError
 from bigtrain.monitor.progress import format_duration
+from bigtrain.monitor.timing import PHASES
 
 FIGURE_INCHES, FIGURE_DPI = (12, 8), 100  # a 1200 x 800 PNG
-PHASES = ("data", "forward", "backward", "optimizer")
 
 
 @dataclass
