@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from bigtrain.config.compose import compose
 from bigtrain.config.errors import ConfigError
+from bigtrain.config.validate import data_parallel_size, validate
 from bigtrain.memory import CPU_RUNTIME_GB, GB, Estimate, Layout, ModelFacts, estimate
 
 # (stage, offload) in the order of expected speed: each step down adds communication (ZeRO-3 gathers
@@ -106,7 +107,7 @@ def layout_of(cfg: DictConfig, hardware: Hardware, stage: int, offload: str) -> 
     world = hardware.nodes * hardware.ranks_per_node
     pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
     return Layout(
-        stage=stage, offload=offload, data=world // (pp * tp), pipeline=pp, tensor=tp,
+        stage=stage, offload=offload, data=data_parallel_size(cfg, world), pipeline=pp, tensor=tp,
         micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, seq_len=cfg.train.seq_len,
         precision=cfg.precision.name, device=hardware.device, reduce_bucket=cfg.zero.reduce_bucket_size,
         eager_attention=cfg.model.attn_implementation == "eager",
@@ -115,8 +116,6 @@ def layout_of(cfg: DictConfig, hardware: Hardware, stage: int, offload: str) -> 
 
 def plan(overrides: list[str], hardware: Hardware, process_gb: float) -> tuple[DictConfig, ModelFacts, list[Option]]:
     """Every (stage, offload) choice for the config of `overrides` on `hardware`, with its estimate."""
-    from bigtrain.config.validate import validate
-
     world = hardware.nodes * hardware.ranks_per_node
     cfg = compose(overrides)
     validate(cfg, world)  # the layout itself must work on this many ranks
@@ -188,7 +187,7 @@ def render(cfg: DictConfig, facts: ModelFacts, hardware: Hardware, options: list
         f"model {cfg.model.name}: {facts.parameters / 1e6:.1f}M parameters (largest layer "
         f"{facts.largest_layer / 1e6:.1f}M), {cfg.precision.name}, micro-batch {cfg.train.micro_batch_size} x "
         f"{cfg.train.seq_len} tokens, grad_accum {cfg.train.grad_accum}",
-        f"layout: {world} rank(s) on {hardware.nodes} node(s) = data {world // (pp * tp)} x pipeline {pp} x tensor {tp}",
+        f"layout: {world} rank(s) on {hardware.nodes} node(s) = data {data_parallel_size(cfg, world)} x pipeline {pp} x tensor {tp}",
         (f"hardware: CPU ranks, {hardware.cpu_memory_gb:.1f} GB RAM per node" if cpu else
          f"hardware: {hardware.ranks_per_node} GPU(s) per node with {hardware.device_memory_gb:.1f} GB each, "
          f"{hardware.cpu_memory_gb:.1f} GB RAM per node")
