@@ -11,7 +11,7 @@ RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup system-packages train test clean
+.PHONY: setup system-packages train test test-fast clean
 
 setup: $(VENV)/.bigtrain-setup
 
@@ -44,7 +44,7 @@ system-packages:
 
 $(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml | system-packages
 	$(PIP) install -q -e ".[test]"
-	$(PY) -m bigtrain.prebuild
+	$(PY) -m bigtrain.tools.prebuild
 	touch $@
 
 train: setup
@@ -52,6 +52,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that start no rank: config, validation, planning, parsing, the tools' refusals (under a minute).
+test-fast: setup
+	$(PY) -m pytest -m "not multiprocess" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

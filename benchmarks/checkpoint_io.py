@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigtrain.checkpoint import Checkpointer
+from bigtrain.components.checkpoint.checkpointer import Checkpointer
+from bigtrain.components.models import build_model
 from bigtrain.config import compose
 from bigtrain.config.deepspeed import to_deepspeed_config
-from bigtrain.distributed import init_distributed, select_accelerator
-from bigtrain.engine import build_engine
-from bigtrain.models import build_model
-from bigtrain.parallel.topology import Layout
+from bigtrain.distributed.process_group import init_distributed, select_accelerator
+from bigtrain.distributed.topology import ProcessGrid
+from bigtrain.runtime.engine import build_engine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,7 +70,7 @@ def main() -> None:
     engine.backward(engine(input_ids=ids, labels=ids).loss)  # optimizer states exist after one step
     engine.step()
 
-    checkpointer = Checkpointer(cfg, ranks.rank, Layout.of(cfg, ranks.world_size))
+    checkpointer = Checkpointer(cfg, ranks.rank, ProcessGrid.of(cfg, ranks.world_size))
     checkpointer.attach(engine)
     dist.barrier()
     start = time.perf_counter()

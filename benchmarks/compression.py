@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.throughput import _commit, _versions, write_result
-from bigtrain.distributed import free_port
+from bigtrain.distributed.process_group import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

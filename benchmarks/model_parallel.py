@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {rows[name]['tokens_per_s']:,.0f} tok/s, peak RSS per rank "
               f"{', '.join(f'{g:.2f}' for g in run['peak_rss_gb'])} GB", flush=True)
 
+    from bigtrain.components.models import model_shape
     from bigtrain.config import compose
-    from bigtrain.models import model_shape
 
     params = model_shape(compose([*MODEL, "run_dir=/tmp/unused"]).model).parameters
     result = {"date": date.today().isoformat(), "device": "cpu",

@@ -17,7 +17,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bigtrain.metrics import peak_rss_gb
+from bigtrain.monitor.metrics import peak_rss_gb
 
 
 def rss_gb() -> float:

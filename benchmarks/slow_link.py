@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.compression import RESULTS, run_option
 from benchmarks.throughput import _commit, _versions, write_result
-from bigtrain.distributed import free_port
+from bigtrain.distributed.process_group import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netns import namespace_problem, two_hosts  # noqa: E402  (the test suite's namespace helper)

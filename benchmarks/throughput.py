@@ -124,7 +124,7 @@ def run_plain(run_dir: str, global_batch: int, seq_len: int, steps: int, warmup:
     code = f"""
 import json, time, torch
 from omegaconf import OmegaConf
-from bigtrain.metrics import peak_rss_gb
+from bigtrain.monitor.metrics import peak_rss_gb
 from transformers import AutoConfig, AutoModelForCausalLM
 cfg = OmegaConf.load({str(Path(run_dir) / 'config.yaml')!r})
 torch.manual_seed(0)
@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     def mean(way: str, key: str) -> float:
         return sum(r[way][key] for r in rounds) / len(rounds)
 
+    from bigtrain.components.models import model_shape
     from bigtrain.config import compose
-    from bigtrain.metrics import flops_per_token
-    from bigtrain.models import model_shape
+    from bigtrain.monitor.metrics import flops_per_token
 
     cfg = compose([*overrides, "run_dir=/tmp/unused"])
     shape = model_shape(cfg.model)

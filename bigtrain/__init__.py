@@ -21,14 +21,19 @@ if os.path.isfile(os.path.join(_env_bin, "ninja")) and not os.environ.get("PATH"
 
 
 # The Python API, loaded on first use so that `import bigtrain` stays cheap (no torch, no DeepSpeed).
-__all__ = ["train", "compose", "DistributedTraining", "TrainResult"]
+_API = {
+    "fit": "bigtrain.api.training",
+    "compose": "bigtrain.api.training",
+    "TrainResult": "bigtrain.runtime.run",
+    "DistributedTraining": "bigtrain.api.distributed",
+    "GPUAcceleratedTraining": "bigtrain.api.distributed",
+}
+__all__ = list(_API)
 
 
 def __getattr__(name: str):
     import importlib
 
-    if name == "train":  # the module bigtrain.train, callable as the API (see bigtrain/train.py)
-        return importlib.import_module("bigtrain.train")
-    if name in ("compose", "DistributedTraining", "TrainResult"):
-        return getattr(importlib.import_module("bigtrain.api"), name)
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'bigtrain' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from bigtrain.distributed import init_distributed, select_accelerator
+from bigtrain.distributed.process_group import init_distributed, select_accelerator
 
 checkpoints = [int(a) for a in sys.argv[1:]]
 steps = max(checkpoints)

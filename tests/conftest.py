@@ -1,4 +1,10 @@
-"""Shared helpers: launch real bigtrain runs (one or more ranks) and read what they wrote."""
+"""Shared helpers: launch real bigtrain runs (one or more ranks), or train on the in-process rank
+pool, and read what they wrote.
+
+Tiers: a test that starts ranks (a launcher, the rank pool, an in-process training run) carries the
+`multiprocess` marker; `make test-fast` runs the others. The marker is enforced: the helpers that
+start ranks fail a test that lacks it, and tests using the rank fixtures get it automatically.
+"""
 
 import json
 import os
@@ -9,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bigtrain.distributed import free_port
+from bigtrain.distributed.process_group import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -17,22 +23,58 @@ BIN = Path(sys.executable).parent
 FAST = ["train.max_steps=10", "logging.interval=1", "scheduler.warmup_steps=2", "train.micro_batch_size=4", "train.seq_len=64"]
 
 
-def launcher_command(launcher: str, nproc: int, overrides: list[str]) -> list[str]:
+FAULT_INJECTION = str(Path(__file__).resolve().parent / "fault_injection.py")
+
+
+def launcher_command(launcher: str, nproc: int, overrides: list[str], faults: list[str] | None = None) -> list[str]:
+    """The command that starts `nproc` ranks of bigtrain under `launcher`; with `faults` (arguments of
+    tests/fault_injection.py) the ranks run that test-only entry point instead."""
+    entry = ["-m", "bigtrain.train"] if faults is None else [FAULT_INJECTION, *faults]
     if launcher == "python":
         assert nproc == 1
-        return [sys.executable, "-m", "bigtrain.train", *overrides]
+        return [sys.executable, *entry, *overrides]
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                "-m", "bigtrain.train", *overrides]
+                *entry, *overrides]
     if launcher == "deepspeed":
+        entry = ["--module", "bigtrain.train"] if faults is None else entry
         return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-                "--module", "bigtrain.train", *overrides]
+                *entry, *overrides]
     raise ValueError(launcher)
+
+
+# ------------------------------------------------------------------------------ the test tiers
+
+# Fixtures that start ranks: a test using one is in the multiprocess tier.
+RANK_FIXTURES = {"background", "rank_pool", "rank_pool4", "saved_run", "runs", "run", "net"}
+_current_test: dict = {"item": None}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RANK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.multiprocess)
+
+
+def pytest_runtest_setup(item):
+    _current_test["item"] = item  # before fixtures, module-scoped ones included, are set up
+
+
+def require_multiprocess_marker(what: str) -> None:
+    """Fail the running test if it starts ranks without the marker that keeps it out of the fast tier."""
+    item = _current_test["item"]
+    if item is not None and item.get_closest_marker("multiprocess") is None:
+        pytest.fail(f"{item.nodeid} {what} but is not marked multiprocess; mark it "
+                    "(@pytest.mark.multiprocess) so that `make test-fast` leaves it out.")
+
+
+# ------------------------------------------------------------------------------------ launches
 
 
 def run_command(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a launcher in a session of its own; on timeout kill the whole session, ranks included,
     so that a stuck test cannot leave ranks loading the machine for the tests after it."""
+    require_multiprocess_marker(f"runs {Path(command[0]).name}")
     env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -45,9 +87,10 @@ def run_command(command: list[str], cwd: Path, timeout: float = 300) -> subproce
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def run_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, timeout: float = 300):
+def run_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, timeout: float = 300,
+                 faults: list[str] | None = None):
     """Run bigtrain under a real launcher in `cwd`; fail the test with its output if it fails."""
-    proc = run_command(launcher_command(launcher, nproc, overrides), cwd, timeout)
+    proc = run_command(launcher_command(launcher, nproc, overrides, faults), cwd, timeout)
     if proc.returncode != 0:
         pytest.fail(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -65,6 +108,7 @@ def background():
     started = []
 
     def start(command: list[str], cwd: Path, log_path: Path, **env_extra):
+        require_multiprocess_marker(f"starts {Path(command[0]).name}")
         env = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu", **env_extra)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -102,3 +146,58 @@ def rank_pids(launcher_pid: int) -> list[int]:
     children = psutil.Process(launcher_pid).children(recursive=True)
     ranks = [p for p in children if "bigtrain.train" in " ".join(p.cmdline()) and "RANK" in p.environ()]
     return [p.pid for p in sorted(ranks, key=lambda p: int(p.environ()["RANK"]))]
+
+
+# ------------------------------------------------------------------------------- the rank pool
+
+
+@pytest.fixture(scope="session")
+def _pools():
+    pools = {}
+    yield pools
+    for pool in pools.values():
+        pool.close()
+
+
+def _pool(pools: dict, world_size: int):
+    from rank_pool import RankPool
+
+    require_multiprocess_marker("uses the rank pool")
+    if world_size not in pools or pools[world_size].broken:
+        pools[world_size] = RankPool(world_size)
+    return pools[world_size]
+
+
+@pytest.fixture
+def rank_pool(_pools):
+    """Two ranks in one gloo process group, kept for the session (tests/rank_pool.py)."""
+    return _pool(_pools, 2)
+
+
+@pytest.fixture
+def rank_pool4(_pools):
+    """Four ranks, for layouts with two axes (data x sequence, data x pipeline)."""
+    return _pool(_pools, 4)
+
+
+def pool_train(overrides: list[str]) -> dict:
+    """On every rank of the pool: compose, validate and run `overrides` as bigtrain.train would; rank
+    0 returns what the run wrote (its metrics records and the result), the others None."""
+    import torch.distributed as dist
+
+    from bigtrain.config import compose
+    from bigtrain.config.validate import validate
+    from bigtrain.runtime.run import run
+
+    cfg = compose(overrides)
+    validate(cfg, dist.get_world_size())
+    result = run(cfg)
+    if dist.get_rank() != 0:
+        return None
+    return {"exit_code": result.exit_code, "steps": result.steps, "checkpoint": result.checkpoint,
+            "metrics": read_metrics(Path(result.run_dir))}
+
+
+def train_on_pool(pool, overrides: list[str]) -> list[dict]:
+    """Train `overrides` on the pool's ranks; the run's metrics records."""
+    return pool.run(pool_train, overrides)[0]["metrics"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bigtrain.checkpoint import Checkpointer
+from bigtrain.components.checkpoint.checkpointer import Checkpointer
+from bigtrain.components.models import build_model
 from bigtrain.config.deepspeed import to_deepspeed_config
-from bigtrain.distributed import init_distributed, select_accelerator
-from bigtrain.engine import build_engine
-from bigtrain.models import build_model
-from bigtrain.parallel.topology import Layout
+from bigtrain.distributed.process_group import init_distributed, select_accelerator
+from bigtrain.distributed.topology import ProcessGrid
+from bigtrain.runtime.engine import build_engine
 
 
 def fixed_batch(vocab_size: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def main(run_dir: str, out: str) -> None:
     select_accelerator("cpu")
     ranks = init_distributed(120)
     engine = build_engine(build_model(cfg.model, seed=0), to_deepspeed_config(cfg, ranks.world_size), cfg)
-    checkpointer = Checkpointer(cfg, ranks.rank, Layout.of(cfg, ranks.world_size))
+    checkpointer = Checkpointer(cfg, ranks.rank, ProcessGrid.of(cfg, ranks.world_size))
     checkpointer.attach(engine)
     checkpointer.load(checkpointer.find_resume_point())
     engine.eval()

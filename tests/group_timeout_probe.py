@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bigtrain.distributed import init_distributed, select_accelerator
+from bigtrain.distributed.process_group import init_distributed, select_accelerator
 
 timeout_s = float(sys.argv[1])
 select_accelerator("cpu")

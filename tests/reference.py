@@ -7,9 +7,10 @@ the data order, the schedule formula), and none of the engine: no DeepSpeed, no 
 import torch
 from omegaconf import DictConfig
 
-from bigtrain.data import BatchPlan, build_packed_dataset
-from bigtrain.models import build_model
-from bigtrain.schedule import lr_ratio
+from bigtrain.components.data.loader import BatchPlan
+from bigtrain.components.data.packed import build_packed_dataset
+from bigtrain.components.lr_schedule import lr_ratio
+from bigtrain.components.models import build_model
 
 
 def reference_losses(cfg: DictConfig, dp_size: int, steps: int) -> list[float]:

@@ -3,7 +3,8 @@
 import pytest
 
 from benchmarks.throughput import _markdown as throughput_markdown
-from benchmarks.throughput import main as throughput, zero_model_state_gb
+from benchmarks.throughput import main as throughput
+from benchmarks.throughput import zero_model_state_gb
 
 
 def test_zero_formula():

@@ -9,10 +9,10 @@ weights, wrong casts, a loss scaled twice) is off by far more or does not learn 
 """
 
 import pytest
-
-from bigtrain.config import compose
 from conftest import FAST, read_metrics, run_bigtrain
 from reference import reference_losses
+
+from bigtrain.config import compose
 
 STEPS = 4
 OVERRIDES = [*FAST, f"train.max_steps={STEPS}", "zero=stage2"]

@@ -4,9 +4,9 @@ favour of the previous valid one; keep-last-K never deletes the only valid check
 import shutil
 
 import pytest
-
-from bigtrain.checkpoint import MANIFEST, find_problem, newest_valid, read_manifest
 from conftest import FAST, read_metrics, run_bigtrain
+
+from bigtrain.components.checkpoint.store import MANIFEST, find_problem, newest_valid, read_manifest
 
 OVERRIDES = [*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=3", "zero=stage2"]
 
@@ -100,9 +100,9 @@ def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, tmp
 
 
 def test_keep_last_k_spares_the_only_valid_and_in_progress_checkpoints(tmp_path):
-    from bigtrain.checkpoint import Checkpointer
+    from bigtrain.components.checkpoint.checkpointer import Checkpointer
     from bigtrain.config import compose
-    from bigtrain.parallel.topology import Layout
+    from bigtrain.distributed.topology import ProcessGrid
 
     ckpt = tmp_path / "checkpoints"
     for step, complete in ((1, False), (2, True), (3, True), (4, False)):
@@ -111,7 +111,7 @@ def test_keep_last_k_spares_the_only_valid_and_in_progress_checkpoints(tmp_path)
         if complete:
             (tag / MANIFEST).write_text("{}")
     cfg = compose([f"checkpoint.dir={ckpt}", "checkpoint.keep=1"])
-    checkpointer = Checkpointer(cfg, 0, Layout(data=1, pipeline=1, tensor=1))
+    checkpointer = Checkpointer(cfg, 0, ProcessGrid(data=1, pipeline=1, tensor=1))
     checkpointer._prune(keep_always=ckpt / "step_00000003")
     # step 4 may still be being written; step 3 is the newest complete one; 1 and 2 are older.
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000004"]

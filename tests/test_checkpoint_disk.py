@@ -4,9 +4,9 @@ a save gives a clear error (exit 4) and leaves the previous checkpoint valid."""
 import subprocess
 
 import pytest
-
-from bigtrain.checkpoint import find_problem, list_tags
 from conftest import FAST, launcher_command, run_command
+
+from bigtrain.components.checkpoint.store import find_problem, list_tags
 
 
 def run(overrides, cwd):

@@ -7,13 +7,19 @@ import time
 
 import psutil
 import pytest
-
-from bigtrain.checkpoint import find_problem
-from bigtrain.config import compose
 from conftest import (
-    FAST, REPO, launcher_command, rank_pids, read_metrics, run_bigtrain, wait_for_step,
+    FAST,
+    REPO,
+    launcher_command,
+    rank_pids,
+    read_metrics,
+    run_bigtrain,
+    wait_for_step,
 )
 from reference import reference_losses
+
+from bigtrain.components.checkpoint.store import find_problem
+from bigtrain.config import compose
 
 # A schedule that does not depend on max_steps, so a short first leg trains like a long run.
 BASE = [*FAST, "scheduler=constant", "scheduler.warmup_steps=2"]

@@ -14,7 +14,6 @@ import json
 import math
 
 import pytest
-
 from conftest import FAST, read_metrics, run_bigtrain
 
 STEPS = 10

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BIN, run_command
 
 from bigtrain.comm.onebit import BLOCK, SignCompressor, decompress, pack_signs, unpack_signs
 from bigtrain.comm.powersgd import compressed_numel, plan_compression
 from bigtrain.comm.wire import bytes_sent
-from conftest import BIN, run_command
-from bigtrain.distributed import free_port
+from bigtrain.distributed.process_group import free_port
 
 
 def test_sign_packing_round_trip():

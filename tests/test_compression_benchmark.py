@@ -2,9 +2,10 @@
 rot unnoticed; its numbers are checked by tests/test_comm.py, not here."""
 
 import pytest
-
-from benchmarks.compression import main as compression, markdown
 from conftest import BIN
+
+from benchmarks.compression import main as compression
+from benchmarks.compression import markdown
 
 
 @pytest.mark.multiprocess

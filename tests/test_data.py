@@ -4,8 +4,11 @@ the same global batches, whatever the number of ranks."""
 import pytest
 import torch
 
-from bigtrain.config import ConfigError, compose
-from bigtrain.data import BatchPlan, build_packed_dataset, load_tokenizer
+from bigtrain.components.data.loader import BatchPlan
+from bigtrain.components.data.packed import build_packed_dataset
+from bigtrain.components.data.tokenizer import load_tokenizer
+from bigtrain.config import compose
+from bigtrain.errors import ConfigError
 
 
 def plan(dp_size, dp_rank, micro=4, accum=1, blocks=100, seed=7):

@@ -5,12 +5,12 @@ import subprocess
 
 import pytest
 import torch
+from conftest import BIN, FAST, free_port, read_metrics, run_bigtrain
+from engine_logits import fixed_batch
+from reference import reference_losses
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bigtrain.config import compose
-from conftest import BIN, FAST, free_port, read_metrics, run_bigtrain
-from reference import reference_losses
-from engine_logits import fixed_batch
 
 HERE = os.path.dirname(__file__)
 

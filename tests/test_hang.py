@@ -5,14 +5,20 @@ import os
 import re
 import signal
 import time
-
 from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import (
-    BIN, FAST, free_port, launcher_command, rank_pids, read_metrics, run_bigtrain, run_command, wait_for_step,
+    BIN,
+    FAST,
+    free_port,
+    launcher_command,
+    rank_pids,
+    read_metrics,
+    run_bigtrain,
+    run_command,
+    wait_for_step,
 )
 
 HANG_TIMEOUT_S = 8
@@ -80,8 +86,8 @@ def test_deepspeeds_own_groups_get_the_collective_timeout(tmp_path):
 @pytest.mark.multiprocess
 def test_slow_rank_is_reported_as_straggler(tmp_path):
     run_dir = tmp_path / "run"
-    run_bigtrain("torchrun", 2, [*FAST, "train.max_steps=4", "logging.interval=2", "fault.inject_slow_rank=1",
-                                 "fault.inject_slow_step_s=0.5", f"run_dir={run_dir}"], cwd=tmp_path)
+    run_bigtrain("torchrun", 2, [*FAST, "train.max_steps=4", "logging.interval=2", f"run_dir={run_dir}"],
+                 cwd=tmp_path, faults=["--slow-rank", "1", "--slow-step-s", "0.5"])
     logged = read_metrics(run_dir)
     assert all(len(m["stragglers"]) == 1 and m["stragglers"][0]["rank"] == 1 for m in logged)
     assert all(m["stragglers"][0]["ratio"] > 1.5 for m in logged)
@@ -92,8 +98,8 @@ def test_slow_rank_is_reported_as_straggler(tmp_path):
 def test_healthy_run_with_a_save_longer_than_the_hang_timeout_is_not_killed(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_command(launcher_command("torchrun", 2, [
-        *FAST, "train.max_steps=2", "fault.hang_timeout_s=6", "fault.inject_slow_save_s=12",
-        f"run_dir={run_dir}"]), tmp_path)
+        *FAST, "train.max_steps=2", "fault.hang_timeout_s=6", f"run_dir={run_dir}"],
+        faults=["--slow-save-s", "12"]), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (run_dir / "hang_report.txt").exists()
     assert [m["step"] for m in read_metrics(run_dir)][-1] == 2

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from bigtrain.config import ConfigError
-from bigtrain.hosts import check_gloo_address, check_launch, check_ssh, parse_hostfile, read_hostfile
+from bigtrain.errors import ConfigError
+from bigtrain.tools.hosts import check_gloo_address, check_launch, check_ssh, parse_hostfile, read_hostfile
 
 # name: (hostfile text, words the message must contain)
 BAD_HOSTFILES = {

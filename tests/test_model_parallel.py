@@ -15,14 +15,14 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from bigtrain.config import compose
-from bigtrain.metrics import flops_per_token
-from bigtrain.models import model_shape
 from conftest import BIN, FAST, launcher_command, read_metrics, run_bigtrain, run_command
 from engine_logits import fixed_batch
 from reference import reference_run
+from transformers import AutoModelForCausalLM
+
+from bigtrain.components.models import model_shape
+from bigtrain.config import compose
+from bigtrain.monitor.metrics import flops_per_token
 
 TOLERANCE = 1e-4
 LOGIT_TOLERANCE = 1e-3

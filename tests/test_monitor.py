@@ -2,8 +2,8 @@
 W&B (offline) sinks and DeepSpeed's flops profiler; and the progress bar of a run on a terminal."""
 
 import csv
-import json
 import fcntl
+import json
 import os
 import pty
 import select
@@ -13,7 +13,6 @@ import sys
 import termios
 
 import pytest
-
 from conftest import FAST
 from shared_run import RANKS, monitored_run, records
 

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from bigtrain.config import compose
-from bigtrain.models import build_model
 from conftest import FAST, REPO, read_metrics, wait_for_step
 from netns import missing_tools, namespace_problem, two_hosts
 from reference import reference_losses
+
+from bigtrain.components.models import build_model
+from bigtrain.config import compose
 
 TOLERANCE = 1e-4
 STEPS = 10

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from netns import namespace_problem, two_hosts
 
 RECEIVE = """

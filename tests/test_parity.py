@@ -15,11 +15,11 @@ import json
 
 import pytest
 import yaml
+from conftest import FAST, read_metrics, run_bigtrain
+from reference import reference_losses
 
 from bigtrain.config import compose
 from bigtrain.config.deepspeed import to_deepspeed_config
-from conftest import FAST, read_metrics, run_bigtrain
-from reference import reference_losses
 
 TOLERANCE = 1e-4
 STEPS = 10

@@ -14,10 +14,10 @@ import json
 import subprocess
 
 import pytest
-
-from bigtrain.memory import GB, Layout, model_state_bytes
-from bigtrain.plan import Hardware, plan, process_baseline_gb
 from conftest import BIN, run_bigtrain
+
+from bigtrain.tools.memory import GB, TrainingSetup, model_state_bytes
+from bigtrain.tools.plan import Hardware, plan, process_baseline_gb
 
 WIDE = ["model.hf_config.hidden_size=512", "model.hf_config.intermediate_size=1376",
         "model.hf_config.num_attention_heads=8", "model.hf_config.num_key_value_heads=8",
@@ -26,8 +26,8 @@ STEPS = ["train.max_steps=8", "logging.interval=1", "scheduler.warmup_steps=2", 
          "logging.progress=false"]
 
 
-def layout(stage: int, offload: str, dp: int) -> Layout:
-    return Layout(stage=stage, offload=offload, data=dp, pipeline=1, tensor=1, micro_batch=1, grad_accum=1,
+def layout(stage: int, offload: str, dp: int) -> TrainingSetup:
+    return TrainingSetup(stage=stage, offload=offload, data=dp, pipeline=1, tensor=1, micro_batch=1, grad_accum=1,
                   seq_len=1, precision="bf16", device="cuda", reduce_bucket=1)
 
 

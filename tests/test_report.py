@@ -7,9 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import BIN
+from PIL import Image
 from shared_run import monitored_run, records
 
 

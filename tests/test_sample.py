@@ -5,11 +5,11 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from bigtrain.export import export
 from conftest import BIN
 from shared_run import monitored_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bigtrain.tools.export import export
 
 PROMPT = "A computer is"
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bigtrain.components.lr_schedule import lr_ratio
+from bigtrain.components.models import build_model, matmul_parameters
 from bigtrain.config import compose
 from bigtrain.config.compose import default_run_dir
-from bigtrain.metrics import flops_per_token
-from bigtrain.models import build_model, matmul_parameters
-from bigtrain.schedule import lr_ratio
+from bigtrain.monitor.metrics import flops_per_token
 
 
 def test_linear_warmup_then_cosine_to_floor():

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 NODES = ["gpu-a01", "gpu-a02", "gpu-b07"]

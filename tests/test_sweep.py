@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import BIN, FAST
 
 TRIAL = [*FAST, "train.max_steps=4", "logging.interval=2", "checkpoint.save_final=false", "logging.progress=false"]

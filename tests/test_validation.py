@@ -9,8 +9,9 @@ import warnings
 
 import pytest
 
-from bigtrain.config import ConfigError, compose
+from bigtrain.config import compose
 from bigtrain.config.validate import cpu_has_bf16_units, validate
+from bigtrain.errors import ConfigError
 
 # name: (overrides, world size, words the message must contain)
 BAD_CONFIGS = {

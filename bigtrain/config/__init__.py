@@ -1,6 +1,6 @@
-"""Configuration: compose (Hydra), validate, and derive the DeepSpeed config."""
+"""Configuration: the typed schema, Hydra composition, validation, values derived from the config, and
+the DeepSpeed config derived from it."""
 
 from bigtrain.config.compose import compose
-from bigtrain.config.errors import ConfigError
 
-__all__ = ["compose", "ConfigError"]
+__all__ = ["compose"]

@@ -10,8 +10,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bigtrain.config.errors import ConfigError
 from bigtrain.config.schema import register_schema
+from bigtrain.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"

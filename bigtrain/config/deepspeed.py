@@ -10,14 +10,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigtrain.config.validate import REDUCED_PRECISION_COMM, ZEROPP_COMM, data_parallel_size, resolve_device
-from bigtrain.parallel.tensor import tensor_parallel_section
+from bigtrain.config.derived import resolve_device
+from bigtrain.config.options import REDUCED_PRECISION_COMM, ZEROPP_COMM
+from bigtrain.distributed.tensor import tensor_parallel_section
+from bigtrain.distributed.topology import ProcessGrid
 
 
 def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for `cfg` on `world_size` processes."""
     train = cfg.train
-    dp = data_parallel_size(cfg, world_size)
+    dp = ProcessGrid.of(cfg, world_size).data
     on_gpu = resolve_device(cfg) == "cuda"
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -82,7 +84,7 @@ def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     if offload.param != "none":
         section["offload_param"] = _offload_target(offload.param, offload)
         if offload.param == "nvme":
-            section.update(_nvme_parameters(cfg, data_parallel_size(cfg, world_size)))
+            section.update(_nvme_parameters(cfg, ProcessGrid.of(cfg, world_size).data))
     if offload.sub_group_size is not None:
         section["sub_group_size"] = offload.sub_group_size
     if cfg.comm.name in ZEROPP_COMM:
@@ -92,7 +94,7 @@ def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
 
 def _nvme_parameters(cfg: DictConfig, dp: int) -> dict[str, Any]:
     """ZeRO-3 settings for parameters read from NVMe as each module needs them."""
-    from bigtrain.models import model_shape
+    from bigtrain.components.models import model_shape
 
     largest_partition = -(-model_shape(cfg.model).largest_parameter // dp)
     offload_param: dict[str, Any] = {

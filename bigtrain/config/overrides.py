@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config.compose import compose
-from bigtrain.config.errors import ConfigError
+from bigtrain.errors import ConfigError
 
 
 def config_to_overrides(overrides: list[str], target: DictConfig) -> list[str]:

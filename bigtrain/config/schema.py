@@ -35,6 +35,8 @@ class DataConfig:
     """Local tokenizer folder (AutoTokenizer.from_pretrained)."""
     cache_dir: Optional[str] = None
     """Where `datasets` caches downloads and tokenized data (default: its own cache)."""
+    max_samples: Optional[int] = None
+    """Train on at most this many sequences of the data (the first ones); unset: all of them."""
 
 
 @dataclass
@@ -231,13 +233,6 @@ class FaultConfig:
     """Report a rank whose compute time per step exceeds the median rank's by this factor."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many consecutive steps skipped for a NaN/Inf loss or gradient norm."""
-    inject_nan_steps: List[int] = field(default_factory=list)
-    """Testing aid: make rank 0's loss NaN at these steps (1-based), to exercise the guard."""
-    inject_slow_rank: int = -1
-    """Testing aid: the rank that sleeps inject_slow_step_s before each micro-batch (-1: none)."""
-    inject_slow_step_s: float = 0.0
-    inject_slow_save_s: float = 0.0
-    """Testing aid: rank 0 sleeps this long inside every checkpoint save."""
 
 
 @dataclass

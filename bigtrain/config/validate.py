@@ -10,38 +10,21 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bigtrain.config.errors import ConfigError
-
-LOCAL_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
-OPTIMIZERS = {"adamw", "adam"}
-SCHEDULERS = {"warmup_cosine", "constant"}
-OFFLOAD_DEVICES = {"none", "cpu", "nvme"}
-PRECISIONS = {"fp32", "bf16", "fp16"}
-# comm options: DeepSpeed's exchange in 16 bits, ZeRO++, and the exchanges bigtrain runs itself.
-REDUCED_PRECISION_COMM = {"fp16_reduce": "fp16", "bf16_reduce": "bf16"}
-ZEROPP_COMM = {"zeropp", "zeropp_hpz"}
-BIGTRAIN_EXCHANGES = {"onebit", "powersgd", "local_sgd"}
-COMM_OPTIONS = {"none", *REDUCED_PRECISION_COMM, *ZEROPP_COMM, *BIGTRAIN_EXCHANGES}
-OUTER_OPTIMIZERS = {"none", "nesterov"}
-# DeepSpeed 0.19 removed these features; a config key for any of them is a hard error there.
-REMOVED_DEEPSPEED_KEYS = {
-    "sparse_gradients", "elasticity", "compression_training", "amp", "quantize_training",
-    "eigenvalue", "sparse_attention", "progressive_layer_drop", "curriculum_learning",
-    "graph_harvesting", "nebula",
-}
-
-
-def resolve_device(cfg: DictConfig) -> str:
-    """The device this run trains on: 'cuda' or 'cpu'."""
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
-    return world_size // (cfg.parallel.pipeline * cfg.parallel.tensor)
+from bigtrain.config.derived import resolve_device
+from bigtrain.config.options import (
+    BIGTRAIN_EXCHANGES,
+    COMM_OPTIONS,
+    LOCAL_BUILDERS,
+    OFFLOAD_DEVICES,
+    OPTIMIZERS,
+    OUTER_OPTIMIZERS,
+    PRECISIONS,
+    REMOVED_DEEPSPEED_KEYS,
+    SCHEDULERS,
+    ZEROPP_COMM,
+)
+from bigtrain.distributed.topology import ProcessGrid
+from bigtrain.errors import ConfigError
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:
@@ -50,6 +33,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     _check_positive(cfg)
     _check_comm(cfg, world_size)
     _check_layout(cfg, world_size)
+    _check_global_batch(cfg, world_size)
     _check_zero_and_offload(cfg)
     _check_precision(cfg)
     _check_optimizer(cfg)
@@ -146,7 +130,10 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
             "applies to pipeline stages, but parallel.pipeline=1. Set parallel.pipeline>1, or leave the "
             "interval at 0."
         )
-    dp = data_parallel_size(cfg, world_size)
+
+
+def _check_global_batch(cfg: DictConfig, world_size: int) -> None:
+    dp = ProcessGrid.of(cfg, world_size).data
     mb, ga, gbs = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size
     if gbs is not None and gbs != mb * ga * dp:
         hint = (
@@ -421,8 +408,8 @@ def _check_data_files(cfg: DictConfig) -> None:
 
 
 def _check_model_and_tokenizer(cfg: DictConfig) -> None:
-    from bigtrain.models import build_model_config, max_positions
-    from bigtrain.data import load_tokenizer
+    from bigtrain.components.data.tokenizer import load_tokenizer
+    from bigtrain.components.models import build_model_config, max_positions
 
     model_config = build_model_config(cfg.model)
     limit = max_positions(model_config)
@@ -448,7 +435,7 @@ def _check_model_parallel(cfg: DictConfig, model_config) -> None:
     pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
     family, name = model_config.model_type, cfg.model.name
     if pp > 1:
-        from bigtrain.parallel.pipeline import check_pipeline_support, layer_type_names
+        from bigtrain.distributed.pipeline import check_pipeline_support, layer_type_names
 
         check_pipeline_support(family)
         layers = model_config.num_hidden_layers
@@ -473,6 +460,6 @@ def _check_model_parallel(cfg: DictConfig, model_config) -> None:
                     "decoder layers (e.g. type:DecoderLayer) or use parameters."
                 )
     if tp > 1:
-        from bigtrain.parallel.tensor import check_tensor_parallel
+        from bigtrain.distributed.tensor import check_tensor_parallel
 
         check_tensor_parallel(model_config, name, tp)

@@ -1,0 +1,2 @@
+"""The Python API: `fit` and `compose` (training.py), `DistributedTraining` and
+`GPUAcceleratedTraining` (distributed.py); model and data arguments become overrides in specs.py."""

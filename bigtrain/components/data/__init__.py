@@ -1,0 +1,1 @@
+"""Training data: tokenizer, packed sequences, and each rank's batches."""

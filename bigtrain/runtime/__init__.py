@@ -1,0 +1,1 @@
+"""One rank's run: build it from the config, train, tear down (run.py); the loop (trainer.py)."""
