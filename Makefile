@@ -5,8 +5,6 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets the CPU build of torch when no local wheel is configured for pip.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-# Ranks of the default job: every GPU, or 2 CPU ranks.
-NPROC ?= $(if $(filter 0,$(GPUS)),2,$(GPUS))
 RUN_DIR ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -47,8 +45,9 @@ $(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml | system-packages
 	$(PY) -m bigtrain.tools.prebuild
 	touch $@
 
+# The default job: every visible GPU (CUDA_VISIBLE_DEVICES respected), or 2 CPU ranks; NPROC=N to choose.
 train: setup
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module bigtrain.train run_dir=$(RUN_DIR) $(ARGS)
+	$(if $(NPROC),NPROC=$(NPROC)) VENV=$(VENV) launchers/local.sh run_dir=$(RUN_DIR) $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

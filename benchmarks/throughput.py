@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.api.training import deepspeed_devices
 from bigtrain.monitor.timing import PHASES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ def env() -> dict:
 
 def run_bigtrain(overrides: list[str], ranks: int, workdir: Path, warmup: int) -> dict:
     run_dir = workdir / f"bigtrain-{time.monotonic_ns()}"
-    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--module", "bigtrain.train",
+    command = [str(BIN / "deepspeed"), *deepspeed_devices(ranks, torch.cuda.is_available()), "--module", "bigtrain.train",
                *overrides, f"run_dir={run_dir}", "checkpoint.resume=never"]
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -112,41 +113,74 @@ def run_raw(run_dir: str, ranks: int, seq_len: int, steps: int, warmup: int, wor
     spec.write_text(json.dumps({"family": cfg.model.family,
                                 "hf_config": OmegaConf.to_container(cfg.model.hf_config)}))
     out = workdir / f"raw-{time.monotonic_ns()}.json"
-    subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), str(REPO / "benchmarks" / "raw_deepspeed.py"),
+    subprocess.run([str(BIN / "deepspeed"), *deepspeed_devices(ranks, torch.cuda.is_available()),
+                    str(REPO / "benchmarks" / "raw_deepspeed.py"),
                     "--ds-config", str(Path(run_dir) / "ds_config.json"), "--model-config", str(spec),
                     "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
                    cwd=workdir, env=env(), check=True, capture_output=True)
     return json.loads(out.read_text())
 
 
-def run_plain(run_dir: str, global_batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-    """One process, every core, torch AdamW: in a child so its memory is its own."""
+def run_plain(run_dir: str, batch: int, seq_len: int, steps: int, warmup: int, device: str) -> dict:
+    """One process, torch AdamW, in a child so its memory is its own: on the CPU every core and the
+    global batch; on a GPU one GPU with one rank's micro-batch, in bf16 autocast (fp32 weights and
+    optimizer, as DeepSpeed's bf16 keeps its master copy), with torch's fused AdamW."""
     code = f"""
 import json, time, torch
 from omegaconf import OmegaConf
 from bigtrain.monitor.metrics import peak_rss_gb
 from transformers import AutoConfig, AutoModelForCausalLM
 cfg = OmegaConf.load({str(Path(run_dir) / 'config.yaml')!r})
+device = {device!r}
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.model.family, **cfg.model.hf_config))
+model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.model.family, **cfg.model.hf_config),
+                                         attn_implementation=cfg.model.attn_implementation).to(device)
 opt = cfg.optimizer
 optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                              weight_decay=opt.weight_decay)
+                              weight_decay=opt.weight_decay, fused=True)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 times = []
 for step in range({warmup + steps}):
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    ids = torch.randint(0, model.config.vocab_size, ({global_batch}, {seq_len}))
-    model(input_ids=ids, labels=ids).loss.backward()
+    ids = torch.randint(0, model.config.vocab_size, ({batch}, {seq_len}), device=device)
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
 step_time = sum(times[{warmup}:]) / {steps}
-print(json.dumps({{"tokens_per_s": {global_batch * seq_len} / step_time, "step_time_s": step_time,
-                  "peak_mem_gb": peak_rss_gb()}}))
+memory = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else peak_rss_gb()
+print(json.dumps({{"tokens_per_s": {batch * seq_len} / step_time, "step_time_s": step_time, "peak_mem_gb": memory}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fitting_micro_batch(overrides: list[str], ranks: int, device_memory_gb: float, start: int = 8) -> int:
+    """The largest micro-batch (halving from `start`) that bigtrain's planner says fits one GPU at the
+    chosen ZeRO stage, so the GPU mode's default shape never runs out of memory."""
+    from dataclasses import replace
+
+    from bigtrain.tools.plan import USABLE, Hardware, plan, process_baseline_gb
+
+    hardware = Hardware(nodes=1, ranks_per_node=ranks, device="cuda", device_memory_gb=device_memory_gb,
+                        cpu_memory_gb=1e6, nvme_gb=None)
+    stage = next(int(o.split("stage")[1]) for o in overrides if o.startswith("zero="))
+    micro = start
+    while micro > 1:
+        _, _, options = plan([*overrides, f"train.micro_batch_size={micro}", "run_dir=/tmp/unused"],
+                             replace(hardware), process_baseline_gb(1.0))
+        option = next(o for o in options if o.stage == stage and o.offload == "none")
+        if option.estimate is not None and option.estimate.device_gb <= USABLE * device_memory_gb:
+            break
+        micro //= 2
+    return micro
 
 
 def profile_plain(run_dir: str, global_batch: int, seq_len: int) -> dict:
@@ -217,24 +251,33 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = device == "cuda"
     model = args.model or (["model=llama_1b"] if on_gpu else MODEL)
-    args.micro_batch = args.micro_batch or (8 if on_gpu else 4)
     args.seq_len = args.seq_len or (2048 if on_gpu else 128)
-    precision = "precision=bf16" if device == "cuda" else "precision=fp32"
+    precision = "precision=bf16" if on_gpu else "precision=fp32"
     if args.quick:
         model = args.model or ["model=tiny_llama"]
         args.micro_batch, args.seq_len, args.steps, args.warmup, args.repeats = 2, 32, 10, 0, 1
-    overrides = [*model, precision, f"zero=stage{args.zero}", f"train.micro_batch_size={args.micro_batch}",
-                 f"train.seq_len={args.seq_len}", f"train.max_steps={args.warmup + args.steps}",
-                 "logging.interval=10", "logging.tensorboard=false"]
+    base = [*model, precision, f"zero=stage{args.zero}", f"train.seq_len={args.seq_len}",
+            f"train.max_steps={args.warmup + args.steps}", "logging.interval=10", "logging.tensorboard=false",
+            f"train.device={device}", "checkpoint.save_final=false"]
+    if not args.micro_batch:
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if on_gpu else 0
+        args.micro_batch = fitting_micro_batch(base, args.ranks, gpu_gb) if on_gpu else 4
+    overrides = [*base, f"train.micro_batch_size={args.micro_batch}"]
     workdir = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
-    peak = measure_peak_tflops(device)
-    print(f"measured peak: {peak:.3f} TFLOP/s ({'bf16' if device == 'cuda' else 'fp32'} matmul, {device})")
+    if on_gpu:  # MFU against the datasheet's dense bf16 peak, as GPU MFU is usually quoted
+        from bigtrain.monitor.peak import resolve_peak_tflops
+
+        peak, source = resolve_peak_tflops(None, "cuda", "bf16")
+    else:
+        peak, source = measure_peak_tflops(device), "measured fp32 matmul, all cores"
+    print(f"peak: {peak:.3f} TFLOP/s per device ({source})")
 
     rounds = []
     for _ in range(args.repeats):
         a = run_bigtrain(overrides, args.ranks, workdir, args.warmup)
         b = run_raw(a["run_dir"], args.ranks, args.seq_len, args.steps, args.warmup, workdir)
-        c = run_plain(a["run_dir"], args.micro_batch * args.ranks, args.seq_len, args.steps, args.warmup)
+        plain_batch = args.micro_batch if on_gpu else args.micro_batch * args.ranks
+        c = run_plain(a["run_dir"], plain_batch, args.seq_len, args.steps, args.warmup, device)
         rounds.append({"bigtrain": a, "raw_deepspeed": b, "plain_pytorch": c})
         print(f"bigtrain {a['tokens_per_s']:,.0f} tok/s | raw DeepSpeed {b['tokens_per_s']:,.0f} | "
               f"plain PyTorch {c['tokens_per_s']:,.0f}")
@@ -253,17 +296,20 @@ def main(argv: list[str] | None = None) -> dict:
     comparison = {}
     for way in ("bigtrain", "raw_deepspeed", "plain_pytorch"):
         tps = mean(way, "tokens_per_s")
-        comparison[way] = {"tokens_per_s": tps, "step_time_s": mean(way, "step_time_s"),
-                           "tflops": tps * fpt / 1e12, "mfu": tps * fpt / 1e12 / (peak * (args.ranks if
-                           device == "cuda" and way != "plain_pytorch" else 1)),
-                           "peak_mem_gb": mean(way, "peak_mem_gb")}
+        # Devices the way's tokens/s came from: on GPUs the plain loop runs on one, the others on every rank;
+        # on the CPU every way uses all the cores, which `peak` measured.
+        devices = (1 if way == "plain_pytorch" else args.ranks) if on_gpu else 1
+        comparison[way] = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / devices,
+                           "step_time_s": mean(way, "step_time_s"), "tflops": tps * fpt / 1e12,
+                           "mfu": tps * fpt / 1e12 / (peak * devices), "peak_mem_gb": mean(way, "peak_mem_gb")}
     comparison["bigtrain"]["time_to_first_step_s"] = mean("bigtrain", "time_to_first_step_s")
     comparison["bigtrain"]["phases"] = {phase: sum(r["bigtrain"]["phases"][phase] for r in rounds) / len(rounds)
                                         for phase in rounds[0]["bigtrain"]["phases"]}
-    ratios = {"bigtrain / raw DeepSpeed": comparison["bigtrain"]["tokens_per_s"] / comparison["raw_deepspeed"]["tokens_per_s"],
-              "bigtrain / plain PyTorch": comparison["bigtrain"]["tokens_per_s"] / comparison["plain_pytorch"]["tokens_per_s"]}
+    per_device = "tokens_per_s_per_device"
+    ratios = {"bigtrain / raw DeepSpeed": comparison["bigtrain"][per_device] / comparison["raw_deepspeed"][per_device],
+              "bigtrain / plain PyTorch": comparison["bigtrain"][per_device] / comparison["plain_pytorch"][per_device]}
 
-    profile = profile_plain(a["run_dir"], args.micro_batch * args.ranks, args.seq_len)
+    profile = profile_plain(a["run_dir"], args.micro_batch * args.ranks, args.seq_len) if not on_gpu else None
     targets = [
         {"target": "bigtrain / raw DeepSpeed tokens/s >= 0.97", "measured": f"{ratios['bigtrain / raw DeepSpeed']:.2f}",
          "met": ratios["bigtrain / raw DeepSpeed"] >= 0.97},
@@ -296,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": _versions(), "commit": _commit(), "model": cfg.model.name, "params": params,
         "ranks": args.ranks, "zero": args.zero, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
         "global_batch": args.micro_batch * args.ranks, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "peak_tflops": peak, "flops_per_token": fpt,
+        "repeats": args.repeats, "peak_tflops": peak, "peak_source": source, "flops_per_token": fpt,
         "comparison": comparison, "ratios": ratios, "targets": targets, "profile": profile, "sweep": sweep,
     }
     print(_markdown(result))
@@ -311,7 +357,8 @@ def _markdown(r: dict) -> str:
         f"Machine: {r['machine']}. Commit {r['commit']}. {r['versions']}.",
         f"Model {r['model']} ({r['params'] / 1e6:.1f}M parameters), {r['ranks']} ranks, ZeRO-{r['zero']}, "
         f"global batch {r['global_batch']} x {r['seq_len']} tokens, {r['warmup']} warm-up + {r['steps']} timed "
-        f"steps, {r['repeats']} interleaved rounds. Measured peak {r['peak_tflops']:.3f} TFLOP/s. "
+        f"steps, {r['repeats']} interleaved rounds. Peak {r['peak_tflops']:.3f} TFLOP/s per device "
+        f"({r.get('peak_source', 'measured')}). "
         f"FLOPs/token = 6N + 12LdT = {r['flops_per_token'] / 1e6:.1f}M.", "",
         "| | tokens/s | step time | TFLOP/s | MFU | peak memory / rank | time to first step |",
         "|---|---|---|---|---|---|---|",
@@ -328,8 +375,8 @@ def _markdown(r: dict) -> str:
         lines += ["", "Where a bigtrain step's time goes (rank 0, bigtrain's step-time split): " + ", ".join(
             f"{phase} {seconds * 1000:.0f} ms" for phase, seconds in phases.items()) + " (backward holds "
             "ZeRO's gradient reduction, optimizer the step and, at ZeRO-1/2, the parameter all-gather)."]
-    prof = r["profile"]
-    lines += ["", f"Where a plain-PyTorch step's time goes (torch.profiler, self CPU time): matrix multiplies "
+    prof = r["profile"] or {"matmul_share": float("nan"), "top_ops": []}
+    lines += [] if not r["profile"] else ["", f"Where a plain-PyTorch step's time goes (torch.profiler, self CPU time): matrix multiplies "
                   f"(mm, addmm, bmm) {prof['matmul_share']:.0%}; top operators: " + ", ".join(
                       f"{o['op']} {o['share']:.0%}" for o in prof["top_ops"][:8]) + "."]
     if r["sweep"]:

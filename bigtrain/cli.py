@@ -39,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_config_arguments(config: argparse.ArgumentParser) -> None:
-    from bigtrain.distributed.process_group import ranks_from_env
-
     config.add_argument(
-        "--world-size", type=int, default=ranks_from_env().world_size,
-        help="number of processes the run will have (default: $WORLD_SIZE or 1)",
+        "--world-size", type=int, help="number of processes the run will have (default: $WORLD_SIZE or 1)",
+    )
+    config.add_argument(
+        "--device", choices=["cuda", "cpu"],
+        help="check and derive the config for a machine of this kind rather than this one (e.g. --device cuda "
+             "on a CPU-only machine shows what a GPU run would use)",
     )
     config.add_argument(
         "--show", choices=["deepspeed", "yaml"], default="deepspeed",
@@ -58,13 +60,17 @@ def config_command(args: argparse.Namespace) -> int:
     from bigtrain.config import compose
     from bigtrain.config.deepspeed import to_deepspeed_config
     from bigtrain.config.validate import validate
+    from bigtrain.distributed.process_group import ranks_from_env
 
+    world_size = args.world_size if args.world_size is not None else ranks_from_env().world_size
     cfg = compose(args.overrides)
-    validate(cfg, args.world_size)
+    if args.device:  # describing another machine: its device, and none of this machine's checks
+        cfg.train.device = args.device
+    validate(cfg, world_size, this_machine=args.device is None)
     if args.show == "yaml":
         print(OmegaConf.to_yaml(cfg), end="")
     else:
-        print(json.dumps(to_deepspeed_config(cfg, args.world_size), indent=2))
+        print(json.dumps(to_deepspeed_config(cfg, world_size), indent=2))
     return 0
 
 
@@ -178,13 +184,15 @@ def add_export_arguments(exporter: argparse.ArgumentParser) -> None:
     exporter.add_argument("run_dir", help="the run's folder (holds config.yaml and checkpoints/)")
     exporter.add_argument("out_dir", help="folder to write config.json, model.safetensors, tokenizer")
     exporter.add_argument("--checkpoint", help="a step_* folder (default: the newest valid checkpoint)")
+    exporter.add_argument("--overwrite", action="store_true",
+                          help="replace OUT_DIR if it already holds files (default: refuse)")
 
 
 def export_command(args: argparse.Namespace) -> int:
     from bigtrain.tools.export import export
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(export(args.run_dir, args.out_dir, args.checkpoint))
+    print(export(args.run_dir, args.out_dir, args.checkpoint, overwrite=args.overwrite))
     return 0
 
 

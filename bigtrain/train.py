@@ -12,6 +12,7 @@ import os
 import sys
 
 from bigtrain.config import compose
+from bigtrain.config.overrides import OVERRIDES_ENV, decode_overrides
 from bigtrain.config.validate import validate
 from bigtrain.distributed.process_group import ranks_from_env
 from bigtrain.errors import BigtrainError, ConfigError, PeerLostError, exit_code_of
@@ -20,6 +21,8 @@ from bigtrain.errors import BigtrainError, ConfigError, PeerLostError, exit_code
 def main(argv: list[str] | None = None) -> int:
     overrides = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     try:
+        if os.environ.get(OVERRIDES_ENV):  # a multi-node launch: the overrides came through the env file
+            overrides = [*decode_overrides(os.environ[OVERRIDES_ENV]), *overrides]
         cfg = compose(overrides)
         validate(cfg, ranks_from_env().world_size)
     except ConfigError as err:

@@ -36,13 +36,25 @@ ssh_port=(${SSH_PORT:+--ssh-port "$SSH_PORT"})
 env_file=$(mktemp "${TMPDIR:-/tmp}/bigtrain-env.XXXXXX")
 trap 'rm -f "$env_file"' EXIT
 cat ~/.deepspeed_env ./.deepspeed_env 2>/dev/null | grep '=' >> "$env_file"
+# DeepSpeed puts these values into the remote shell's command line inside double quotes, where $, `, \
+# and " would still be interpreted: such a value is refused rather than run on every node.
 for name in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME NCCL_IB_DISABLE NCCL_DEBUG DS_ACCELERATOR \
             OMP_NUM_THREADS TORCH_EXTENSIONS_DIR HF_HOME HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
-            TRANSFORMERS_OFFLINE ${FORWARD_ENV:-}; do
+            TRANSFORMERS_OFFLINE CUDA_HOME CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF \
+            $(compgen -e | grep -E '^TORCH_NCCL_|^NCCL_' | sort -u) ${FORWARD_ENV:-}; do
     if [ -n "${!name+set}" ]; then
+        case ${!name} in
+            *[\$\`\\\"]*) echo "multinode.sh: \$$name contains a shell character (\$ \` \\ or \"), which the remote shell would interpret; set it without one" >&2; exit 2 ;;
+        esac
         printf '%s=%s\n' "$name" "${!name}" >> "$env_file"
     fi
 done
+# The overrides travel in the env file, base64-encoded (letters, digits, + / =), not on the remote
+# command line: pdsh hands that to a shell on every node, which would expand, split or run parts of
+# them (DeepSpeed quotes only arguments with spaces). Every rank decodes exactly the bytes checked above.
+printf 'BIGTRAIN_OVERRIDES=%s\n' "$("$VENV/bin/python" -m bigtrain.config.overrides --encode "$@")" >> "$env_file"
+# The PATH the ranks' ninja and CUDA tools are found on, with this environment's bin/ first.
+printf 'PATH=%s\n' "$VENV/bin:$PATH" | grep -v '[$`\\"]' >> "$env_file" || true
 export DS_ENV_FILE=$env_file
 
 # Signals: DeepSpeed's own handler for this launcher stops pdsh, after which the ranks die on their
@@ -68,7 +80,7 @@ stop_ranks() {
 set -m
 "$VENV/bin/deepspeed" --hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     --no_ssh_check ${SSH_PORT:+--ssh_port "$SSH_PORT"} --venv_script "$VENV/bin/activate" \
-    --module bigtrain.train "$@" &
+    --module bigtrain.train &
 job=$!
 trap stop_ranks TERM INT
 while true; do

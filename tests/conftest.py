@@ -46,7 +46,7 @@ def launcher_command(launcher: str, nproc: int, overrides: list[str], faults: li
 # ------------------------------------------------------------------------------ the test tiers
 
 # Fixtures that start ranks: a test using one is in the multiprocess tier.
-RANK_FIXTURES = {"background", "rank_pool", "rank_pool4", "saved_run", "runs", "run", "net"}
+RANK_FIXTURES = {"background", "rank_pool", "rank_pool4", "saved_run", "runs", "run", "net", "trained_run", "run_copy"}
 _current_test: dict = {"item": None}
 
 

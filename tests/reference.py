@@ -34,7 +34,8 @@ def reference_run(cfg: DictConfig, dp_size: int, steps: int) -> tuple[list[float
     )
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
+        decay_groups(model, opt.weight_decay, exempt_defaults=list(opt.no_decay) == ["bias", "norm", "embed"]),
+        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
     )
     min_ratio = 1.0 if cfg.scheduler.name == "constant" else cfg.scheduler.min_lr_ratio
     losses = []
@@ -54,3 +55,18 @@ def reference_run(cfg: DictConfig, dp_size: int, steps: int) -> tuple[list[float
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, model
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float, exempt_defaults: bool = True) -> list[dict]:
+    """AdamW groups as the usual recipe has them: no weight decay for biases, norm weights and embedding
+    tables (written out here, not taken from bigtrain); with exempt_defaults=False, decay for all."""
+    exempt = set()
+    if exempt_defaults:
+        for module in model.modules():
+            is_table = isinstance(module, torch.nn.Embedding) or "Norm" in type(module).__name__
+            for name, param in module.named_parameters(recurse=False):
+                if is_table or name == "bias":
+                    exempt.add(id(param))
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]

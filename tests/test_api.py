@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST
 
 from bigtrain.errors import ConfigError
-from conftest import FAST
 
 SCRIPT = """
 import json, sys, bigtrain

@@ -27,6 +27,13 @@ BAD_HOSTFILES = {
     "leading_dash_option": ("-oProxyCommand=x slots=1\n", "'-oProxyCommand=x' is not a valid host name"),
     "ipv6_literal": ("fe80::1 slots=1\n", "'fe80::1' is not a valid host name"),
     "only_comments": ("# node-01 slots=8\n\n", "lists no hosts"),
+    "same_host_other_case": ("node-01 slots=1\nNODE-01 slots=1\n",
+                             "hosts node-01 (line 1) and NODE-01 (line 2) are the same node (host names do not "
+                             "depend on case)"),
+    "a_name_and_its_address": ("127.0.0.1 slots=1\nlocalhost slots=1\n",
+                               "hosts 127.0.0.1 (line 1) and localhost (line 2) are the same node (localhost "
+                               "resolves to 127.0.0.1)"),
+    "absurd_slots": ("node-01 slots=4096\n", "line 1: host node-01 has slots=4096, more processes than any node"),
 }
 
 
@@ -40,6 +47,13 @@ def test_bad_hostfile_is_refused_with_its_line(tmp_path, name):
     message = str(err.value)
     assert words in message, message
     assert str(path) in message and "\n" not in message
+
+
+def test_a_binary_hostfile_is_refused(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="cannot be read as text .* it is not a hostfile"):
+        read_hostfile(path)
 
 
 def test_good_hostfile_keeps_order_comments_and_slots():

@@ -10,7 +10,8 @@ import warnings
 import pytest
 
 from bigtrain.config import compose
-from bigtrain.config.validate import cpu_has_bf16_units, validate
+from bigtrain.config.machine import cpu_has_bf16_units
+from bigtrain.config.validate import validate
 from bigtrain.errors import ConfigError
 
 # name: (overrides, world size, words the message must contain)

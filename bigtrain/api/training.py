@@ -9,7 +9,6 @@
 Nothing heavy is imported until a run starts.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config import compose as _compose
+from bigtrain.config.derived import resolve_device
 from bigtrain.config.overrides import config_to_overrides
 from bigtrain.config.validate import validate
 from bigtrain.errors import BigtrainError, ConfigError, exit_code_of, meaning
@@ -55,7 +55,8 @@ def fit(
     validate(cfg, nproc)
     if nproc == 1:
         return train_here(cfg)
-    return launch(cfg, launch_command(launcher, nproc, with_run_dir(overrides, cfg)), quiet)
+    on_gpu = resolve_device(cfg) == "cuda"
+    return launch(cfg, launch_command(launcher, nproc, with_run_dir(overrides, cfg), on_gpu=on_gpu), quiet)
 
 
 def train_here(cfg: DictConfig) -> TrainResult:
@@ -127,13 +128,14 @@ def result_from_run_dir(run_dir: Path, cfg: DictConfig, code: int) -> TrainResul
     )
 
 
-def launch_command(launcher: str, nproc: int, overrides: list[str], port: int | None = None) -> list[str]:
+def launch_command(launcher: str, nproc: int, overrides: list[str], port: int | None = None,
+                   on_gpu: bool = False) -> list[str]:
     from bigtrain.distributed.process_group import free_port
 
     port = port or free_port()
     bin_dir = Path(sys.executable).parent
     if launcher == "deepspeed":
-        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+        return [str(bin_dir / "deepspeed"), *deepspeed_devices(nproc, on_gpu), "--master_port", str(port),
                 "--module", "bigtrain.train", *overrides]
     if launcher == "torchrun":
         return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port),
@@ -141,9 +143,28 @@ def launch_command(launcher: str, nproc: int, overrides: list[str], port: int | 
     raise ConfigError(f"launcher={launcher!r} is not a launcher bigtrain knows. Use deepspeed or torchrun.")
 
 
+def deepspeed_devices(nproc: int, on_gpu: bool) -> list[str]:
+    """The deepspeed launcher's device arguments for `nproc` ranks on this machine. With
+    CUDA_VISIBLE_DEVICES set, the first `nproc` GPUs it lists (`--include`): given `--num_gpus` the
+    launcher takes GPUs 0..N-1, other users' on a shared node, whatever is visible."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not on_gpu or visible is None:
+        return ["--num_gpus", str(nproc)]
+    ids = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    if not all(entry.isdigit() for entry in ids):
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible} names GPUs by UUID or MIG instance, which the deepspeed launcher "
+            "cannot pass on. Use launcher='torchrun', which keeps CUDA_VISIBLE_DEVICES as it is."
+        )
+    if nproc > len(ids):
+        raise ConfigError(f"nproc={nproc} ranks need {nproc} GPUs; CUDA_VISIBLE_DEVICES={visible} makes {len(ids)} visible.")
+    return ["--include", f"localhost:{','.join(ids[:nproc])}"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    from bigtrain.monitor.metrics import read_records
+
+    return read_records(run_dir / "metrics.jsonl")[0]
 
 
 def describe_exit(code: int, run_dir: str) -> str:

@@ -38,8 +38,19 @@ def compose(overrides: list[str]) -> DictConfig:
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain_hydra_error(err, overrides)) from None
-    if cfg.run_dir is None:
+    except (ValueError, TypeError) as err:  # Hydra's own checks of a group override's value
+        raise ConfigError(
+            f"Could not compose the config from overrides {list(overrides)}: {err}. A config group takes an "
+            "option name (model=tiny_gpt2), a key takes a value (train.max_steps=50)."
+        ) from None
+    if cfg.get("run_dir") is None:
         cfg.run_dir = default_run_dir(overrides)
+    elif not str(cfg.run_dir).strip():
+        raise ConfigError(
+            "run_dir is empty, which would make the current directory the run dir and scatter checkpoints, "
+            "logs and metrics there. Give a folder (run_dir=runs/my-run), or leave run_dir unset for "
+            "runs/<overrides>."
+        )
     cfg.run_dir = str(Path(cfg.run_dir).absolute())
     return cfg
 

@@ -20,7 +20,6 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for `cfg` on `world_size` processes."""
     train = cfg.train
     dp = ProcessGrid.of(cfg, world_size).data
-    on_gpu = resolve_device(cfg) == "cuda"
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -29,7 +28,7 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp * cfg.parallel.tensor,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": _zero(cfg, world_size),
-        "optimizer": _optimizer(cfg, on_gpu),
+        "optimizer": _optimizer(cfg),
         "bf16": {"enabled": cfg.precision.name == "bf16"},
         "fp16": {"enabled": cfg.precision.name == "fp16", "initial_scale_power": 16},
         # bigtrain prints its own step lines; DeepSpeed's would repeat them from every rank.
@@ -80,9 +79,9 @@ def _zero(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         allgather_bucket_size=zero.allgather_bucket_size,
     )
     if offload.optimizer != "none":
-        section["offload_optimizer"] = _offload_target(offload.optimizer, offload)
+        section["offload_optimizer"] = _offload_target(offload.optimizer, cfg)
     if offload.param != "none":
-        section["offload_param"] = _offload_target(offload.param, offload)
+        section["offload_param"] = _offload_target(offload.param, cfg)
         if offload.param == "nvme":
             section.update(_nvme_parameters(cfg, ProcessGrid.of(cfg, world_size).data))
     if offload.sub_group_size is not None:
@@ -98,7 +97,7 @@ def _nvme_parameters(cfg: DictConfig, dp: int) -> dict[str, Any]:
 
     largest_partition = -(-model_shape(cfg.model).largest_parameter // dp)
     offload_param: dict[str, Any] = {
-        "device": "nvme", "nvme_path": cfg.offload.nvme_path, "pin_memory": cfg.offload.pin_memory,
+        "device": "nvme", "nvme_path": cfg.offload.nvme_path, "pin_memory": pin_memory(cfg),
         # Each buffer of the pool holds one rank's partition of one parameter: sized to the largest
         # (DeepSpeed's 1e8 elements is too small for a 128k-vocabulary embedding and, for most
         # models, several times too big). 5 buffers ran dry in the first step here; 10 did not.
@@ -141,14 +140,23 @@ def _comm(cfg: DictConfig) -> dict[str, Any]:
     return section
 
 
-def _offload_target(device: str, offload: DictConfig) -> dict[str, Any]:
-    target: dict[str, Any] = {"device": device, "pin_memory": offload.pin_memory}
+def pin_memory(cfg: DictConfig) -> bool:
+    """offload.pin_memory, by default on where there is a GPU to copy to (page-locked buffers make the
+    host-device copies of offloaded states faster) and off on the CPU, where there is nothing to gain."""
+    if cfg.offload.pin_memory is not None:
+        return cfg.offload.pin_memory
+    return resolve_device(cfg) == "cuda"
+
+
+def _offload_target(device: str, cfg: DictConfig) -> dict[str, Any]:
+    offload = cfg.offload
+    target: dict[str, Any] = {"device": device, "pin_memory": pin_memory(cfg)}
     if device == "nvme":
         target["nvme_path"] = offload.nvme_path
     return target
 
 
-def _optimizer(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
+def _optimizer(cfg: DictConfig) -> dict[str, Any]:
     opt = cfg.optimizer
     params: dict[str, Any] = {
         "lr": opt.lr,
@@ -158,10 +166,12 @@ def _optimizer(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
         # DeepSpeed's Adam applies decoupled (AdamW) weight decay unless told otherwise.
         "adam_w_mode": opt.name == "adamw",
     }
-    if not on_gpu and cfg.offload.optimizer == "none":
-        # On the CPU, torch's fused AdamW: DeepSpeed's FusedAdam would JIT-build another op, and
-        # torch's default (per-tensor loop) AdamW took 84 ms per step on 17M parameters where the
-        # fused one took 23 ms (1 core). With optimizer offload DeepSpeed uses its DeepSpeedCPUAdam.
+    if cfg.offload.optimizer == "none":
+        # torch's fused AdamW, which ships in the torch wheel for the CPU and for CUDA: DeepSpeed's
+        # FusedAdam would JIT-build an op, from CUDA sources on a GPU (needing nvcc, which a plain torch
+        # install does not bring). On the CPU torch's default (per-tensor loop) AdamW took 84 ms per step
+        # on 17M parameters where the fused one took 23 ms (1 core). With optimizer offload DeepSpeed
+        # steps on the CPU with its DeepSpeedCPUAdam.
         params["torch_adam"] = True
         params["fused"] = True
     return {"type": "AdamW" if opt.name == "adamw" else "Adam", "params": params}

@@ -68,3 +68,38 @@ def _key(key: Any) -> str:
     if not key.replace("_", "a").isalnum():
         raise ConfigError(f"Config key {key!r} cannot be written as a Hydra override; use letters, digits and _.")
     return key
+
+
+# Multi-node launches pass the overrides to every rank in this environment variable (launchers/multinode.sh):
+# a remote shell never sees them, so every rank composes exactly the bytes the launch check composed.
+OVERRIDES_ENV = "BIGTRAIN_OVERRIDES"
+
+
+def encode_overrides(overrides: list[str]) -> str:
+    """`overrides` as base64 of a JSON list: only letters, digits, + / and =, which no shell alters."""
+    import base64
+    import json
+
+    return base64.b64encode(json.dumps(list(overrides)).encode()).decode()
+
+
+def decode_overrides(encoded: str) -> list[str]:
+    import base64
+    import json
+
+    try:
+        overrides = json.loads(base64.b64decode(encoded.strip(), validate=True))
+    except ValueError:
+        overrides = None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{OVERRIDES_ENV} does not hold overrides encoded by launchers/multinode.sh; unset it, "
+                          "or launch through that script.")
+    return overrides
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--encode"]:
+        sys.exit("usage: python -m bigtrain.config.overrides --encode [OVERRIDES...]")
+    print(encode_overrides(sys.argv[2:]))

@@ -58,8 +58,9 @@ class OffloadConfig:
     """Where parameters live between uses (ZeRO-3 only): none, cpu, nvme."""
     nvme_path: Optional[str] = None
     """Folder on a fast local disk for nvme offload."""
-    pin_memory: bool = False
-    """Page-locked host buffers; faster host-device copies on GPU, no gain on a CPU-only machine."""
+    pin_memory: Optional[bool] = None
+    """Page-locked host buffers: faster host-device copies on a GPU, no gain on a CPU-only machine.
+    Unset: on when training on GPUs, off on the CPU."""
     sub_group_size: Optional[int] = None
     """Elements of optimizer state processed (and, on NVMe, held in RAM) at a time; unset: DeepSpeed's
     1e9, which for NVMe offload means 16 GB of fp32 weights, gradients and moments in RAM at once."""
@@ -132,6 +133,10 @@ class OptimizerConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    no_decay: List[str] = field(default_factory=lambda: ["bias", "norm", "embed"])
+    """Parameters trained without weight decay: a regular expression (case-insensitive) matching a
+    parameter's name or its module's class name. The defaults exempt biases, every norm's weight and
+    every embedding table (a tied output head included); [] decays every parameter."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
 
@@ -233,6 +238,9 @@ class FaultConfig:
     """Report a rank whose compute time per step exceeds the median rank's by this factor."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many consecutive steps skipped for a NaN/Inf loss or gradient norm."""
+    max_overflow_steps: int = 50
+    """fp16: stop the run after this many consecutive steps skipped for overflowing gradients (the loss
+    scale keeps falling: the run has diverged)."""
 
 
 @dataclass

@@ -4,13 +4,12 @@ Each check raises ConfigError with one paragraph: what is wrong, the value seen,
 Checks that need the model's or tokenizer's config read only those small files, never weights.
 """
 
-import os
-import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config.derived import resolve_device
+from bigtrain.config.machine import check_machine
 from bigtrain.config.options import (
     BIGTRAIN_EXCHANGES,
     COMM_OPTIONS,
@@ -23,13 +22,22 @@ from bigtrain.config.options import (
     SCHEDULERS,
     ZEROPP_COMM,
 )
+from bigtrain.config.values import check_choices, check_deepspeed_section, check_keys, check_numbers
 from bigtrain.distributed.topology import ProcessGrid
 from bigtrain.errors import ConfigError
 
 
-def validate(cfg: DictConfig, world_size: int) -> None:
-    """Raise ConfigError for the first problem found in `cfg` for a job of `world_size` processes."""
+def validate(cfg: DictConfig, world_size: int, this_machine: bool = True) -> None:
+    """Raise ConfigError for the first problem found in `cfg` for a job of `world_size` processes.
+    `this_machine=False` checks a config meant for another kind of machine (`bigtrain config --device
+    cuda`): what this one has (GPUs, toolkits, libraries) is not checked."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"The job's number of processes must be 1 or more, got {world_size!r}.")
+    check_keys(cfg)
     _check_complete(cfg)
+    check_numbers(cfg)
+    check_choices(cfg)
+    check_deepspeed_section(cfg)
     _check_positive(cfg)
     _check_comm(cfg, world_size)
     _check_layout(cfg, world_size)
@@ -41,6 +49,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     _check_logging(cfg)
     _check_data_files(cfg)
     _check_model_and_tokenizer(cfg)
+    if this_machine:
+        check_machine(cfg, world_size)
 
 
 def _check_complete(cfg: DictConfig) -> None:
@@ -63,7 +73,11 @@ def _check_positive(cfg: DictConfig) -> None:
         "logging.interval": cfg.logging.interval,
         "checkpoint.keep": cfg.checkpoint.keep,
         "optimizer.lr": cfg.optimizer.lr,
+        "fault.max_nonfinite_steps": cfg.fault.max_nonfinite_steps,
+        "fault.max_overflow_steps": cfg.fault.max_overflow_steps,
     }
+    if cfg.data.max_samples is not None:
+        sizes["data.max_samples"] = cfg.data.max_samples
     if cfg.train.global_batch_size is not None:
         sizes["train.global_batch_size"] = cfg.train.global_batch_size
     for key, value in sizes.items():
@@ -283,23 +297,6 @@ def _check_zero_and_offload(cfg: DictConfig) -> None:
                 f"NVMe offload needs offload.nvme_path to be an existing folder on a fast disk; got "
                 f"{off.nvme_path!r}. Create the folder and pass offload.nvme_path=/path/to/it."
             )
-        if not _has_libaio():
-            raise ConfigError(
-                "NVMe offload needs libaio (DeepSpeed's async_io op is compiled against it on first use), "
-                "and neither libaio.h nor libaio.so was found. Install it (Debian/Ubuntu: apt-get install "
-                "libaio-dev; RHEL: dnf install libaio-devel; `make setup` does this when run as root), or "
-                "use offload=full to offload to CPU memory instead."
-            )
-
-
-def _has_libaio() -> bool:
-    import ctypes.util
-
-    include_dirs = ["/usr/include", "/usr/local/include"]
-    if "CONDA_PREFIX" in os.environ:
-        include_dirs.append(os.path.join(os.environ["CONDA_PREFIX"], "include"))
-    has_header = any(Path(d, "libaio.h").exists() for d in include_dirs)
-    return has_header and ctypes.util.find_library("aio") is not None
 
 
 def _check_precision(cfg: DictConfig) -> None:
@@ -313,20 +310,6 @@ def _check_precision(cfg: DictConfig) -> None:
             "('Type fp16 is not supported on your device'). Use precision=fp32, or precision=bf16 "
             "on a CPU with bf16 units."
         )
-    if name == "bf16" and device == "cpu" and not cpu_has_bf16_units():
-        warnings.warn(
-            "precision=bf16 on a CPU without bf16 units: bf16 math is emulated and will be very "
-            "slow (often 10-100x slower than fp32). Use precision=fp32 on this machine.",
-            stacklevel=2,
-        )
-
-
-def cpu_has_bf16_units() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def _check_optimizer(cfg: DictConfig) -> None:
@@ -338,8 +321,6 @@ def _check_optimizer(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scheduler.name={cfg.scheduler.name!r} is not supported. Use one of {sorted(SCHEDULERS)}."
         )
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas needs two values, got {list(cfg.optimizer.betas)}.")
 
 
 def _check_deepspeed_extra(cfg: DictConfig) -> None:
@@ -409,9 +390,10 @@ def _check_data_files(cfg: DictConfig) -> None:
 
 def _check_model_and_tokenizer(cfg: DictConfig) -> None:
     from bigtrain.components.data.tokenizer import load_tokenizer
-    from bigtrain.components.models import build_model_config, max_positions
+    from bigtrain.components.models import build_model_config, check_model_config, max_positions
 
     model_config = build_model_config(cfg.model)
+    check_model_config(cfg.model, model_config)
     limit = max_positions(model_config)
     if limit is not None and cfg.train.seq_len > limit:
         raise ConfigError(

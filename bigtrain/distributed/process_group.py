@@ -6,6 +6,8 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
+from bigtrain.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -20,25 +22,38 @@ class Ranks:
 
 def ranks_from_env() -> Ranks:
     """Rank layout as set by the launcher; one process when no launcher set it."""
-    return Ranks(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    values = {}
+    for key, name, default in (("rank", "RANK", "0"), ("local_rank", "LOCAL_RANK", "0"), ("world_size", "WORLD_SIZE", "1")):
+        text = os.environ.get(name, default)
+        if not text.strip().isdigit():
+            raise ConfigError(
+                f"The environment variable {name}={text!r} is not a whole number. It is set by the launcher "
+                "(deepspeed, torchrun, SLURM); unset it to run one process, or launch through one of those."
+            )
+        values[key] = int(text)
+    if values["world_size"] < 1 or values["rank"] >= values["world_size"]:
+        raise ConfigError(f"RANK={values['rank']} and WORLD_SIZE={values['world_size']} do not describe a job: "
+                          "WORLD_SIZE must be 1 or more and RANK below it. Unset them to run one process.")
+    return Ranks(**values)
 
 
-def select_accelerator(device: str) -> None:
-    """Make DeepSpeed use the device the config resolved to (it auto-detects otherwise), and on the
-    CPU give each local rank its share of the cores: the deepspeed launcher leaves every rank using
-    all of them, and ranks fighting over cores run slower than one rank per core."""
-    if device != "cpu":
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "OMP_NUM_THREADS" not in os.environ:
+def select_accelerator(device: str, optimizer_on_cpu: bool = False) -> None:
+    """Make DeepSpeed use the device the config resolved to (it auto-detects otherwise), and give each
+    local rank its share of the cores wherever ranks compute on the CPU (CPU training, or the optimizer
+    step offloaded to the CPU from GPUs): the launchers leave every rank using all of them, and eight
+    ranks' CPU Adam each using every core run slower than one core set each."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if (device == "cpu" or optimizer_on_cpu) and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        torch.set_num_threads(cpu_share())
+
+
+def cpu_share() -> int:
+    """This rank's share of the machine's cores: all of them over the ranks on this node."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    return max(1, (os.cpu_count() or 1) // local_ranks)
 
 
 def init_distributed(timeout_s: float) -> Ranks:
@@ -52,6 +67,7 @@ def init_distributed(timeout_s: float) -> Ranks:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )
+    set_network_defaults(os.environ)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -103,6 +119,41 @@ def long_wait_group():
 
         _long_wait_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     return _long_wait_group
+
+
+def set_network_defaults(env) -> None:
+    """Environment defaults for the collectives, where the user set none:
+    - GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME: GPU jobs use gloo too (bigtrain's long waits,
+      checkpoint decisions), and without it gloo binds wherever the host name resolves (often
+      127.0.1.1), which other nodes cannot reach. Only plain interface names carry over (NCCL's
+      `^docker,lo` exclusions and `=eth0` exact matches mean nothing to gloo).
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (clean up only): a timed-out or failed NCCL collective aborts its
+      communicators and raises in the rank, which then exits with bigtrain's lost-peer code (5), as on
+      gloo; torch's default (3) aborts the whole process (SIGABRT, exit code 134)."""
+    nccl_interfaces = env.get("NCCL_SOCKET_IFNAME", "")
+    if nccl_interfaces and "GLOO_SOCKET_IFNAME" not in env and not nccl_interfaces.startswith(("^", "=")):
+        env["GLOO_SOCKET_IFNAME"] = nccl_interfaces
+    if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env and "NCCL_ASYNC_ERROR_HANDLING" not in env:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
+
+
+def decided_by_rank0(decide):
+    """Rank 0 runs `decide()`; every rank gets its result, or raises the BigtrainError it raised (so all
+    ranks stop together, with the same message). On the long-wait group: the decision may take long."""
+    import torch.distributed as dist
+
+    from bigtrain.errors import BigtrainError
+
+    decision = [None]
+    if dist.get_rank() == 0:
+        try:
+            decision[0] = decide()
+        except BigtrainError as err:
+            decision[0] = err
+    dist.broadcast_object_list(decision, src=0, group=long_wait_group())
+    if isinstance(decision[0], BigtrainError):
+        raise decision[0]
+    return decision[0]
 
 
 def forget_long_wait_group() -> None:

@@ -6,8 +6,6 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-
 from bigtrain.monitor.progress import Progress
 from bigtrain.monitor.sinks import WandbSink
 from bigtrain.monitor.system import SystemStats
@@ -23,6 +21,8 @@ def flops_per_token(matmul_params: int, num_layers: int, hidden_size: int, seq_l
 def peak_memory_gb(device: str) -> float:
     """Peak memory of this rank: device memory on a GPU, resident set size on the CPU."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated() / 1e9
     return peak_rss_gb()
 
@@ -40,6 +40,27 @@ def peak_rss_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux and BSD: KiB
+
+
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The step records of a metrics.jsonl and the numbers of the lines that are not records (a line cut
+    short by a crash mid-write, or garbage); a missing file has none."""
+    if not path.is_file():
+        return [], []
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad.append(number)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(number)
+    return records, bad
 
 
 class MetricsWriter:
@@ -61,12 +82,20 @@ class MetricsWriter:
         self.started = time.perf_counter()
         self._file = self.path.open("a")
 
-    def drop_after(self, step: int) -> None:
-        """Forget records past `step`: a resumed run trains those steps again and logs them anew."""
+    def start_from(self, step: int) -> None:
+        """Make metrics.jsonl continue at `step`. A resumed run keeps the records up to its checkpoint and
+        logs the later ones again as it retrains them; a fresh start keeps an earlier run's records in
+        metrics.N.jsonl rather than erasing them. A line cut short by a crash mid-write is dropped."""
         self._file.close()
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        records, _ = read_records(self.path)
+        if step == 0 and records:
+            number = 1
+            while self.path.with_name(f"metrics.{number}.jsonl").exists():
+                number += 1
+            self.path.rename(self.path.with_name(f"metrics.{number}.jsonl"))
+            records = []
+        kept = [r for r in records if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
 
     def step_done(self, completed: int) -> None:

@@ -44,19 +44,28 @@ def _open_nvml(local_rank: int):
         import pynvml  # the nvidia-ml-py package
 
         pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(_physical_index(local_rank))
+        handle = nvml_handle(pynvml, local_rank)
+        log.info("GPU use and power sampled on %s (%s)", _text(pynvml.nvmlDeviceGetName(handle)),
+                 _text(pynvml.nvmlDeviceGetUUID(handle)))
+        return pynvml, handle
     except Exception as err:  # no NVML library, no driver access: GPU fields are left out
         log.info("GPU utilisation and power not reported: NVML unavailable (%s)", err)
         return None
 
 
-def _physical_index(local_rank: int) -> int:
-    """NVML counts all GPUs; CUDA_VISIBLE_DEVICES may renumber them for torch."""
+def nvml_handle(pynvml, local_rank: int):
+    """NVML's handle for the GPU torch calls cuda:`local_rank`. NVML counts every GPU of the machine;
+    CUDA_VISIBLE_DEVICES picks and renumbers them for torch, by index or by UUID (GPU-..., MIG-...)."""
     import os
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [v for v in visible.split(",") if v.strip()]
-        if local_rank < len(entries) and entries[local_rank].strip().isdigit():
-            return int(entries[local_rank])
-    return local_rank
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if local_rank < len(visible):
+        entry = visible[local_rank]
+        if entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+        return pynvml.nvmlDeviceGetHandleByUUID(entry)
+    return pynvml.nvmlDeviceGetHandleByIndex(local_rank)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

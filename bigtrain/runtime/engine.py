@@ -5,6 +5,7 @@ import deepspeed
 from omegaconf import DictConfig
 
 from bigtrain.components.lr_schedule import build_scheduler
+from bigtrain.components.optimizer import parameter_groups
 
 
 def build_engine(model, ds_config: dict, cfg: DictConfig):
@@ -14,7 +15,7 @@ def build_engine(model, ds_config: dict, cfg: DictConfig):
         model = build_pipeline_module(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=parameter_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.no_decay),
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg),
     )

@@ -10,12 +10,14 @@ watchdog thread or open file behind.
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from bigtrain.config.derived import resolve_device
 from bigtrain.distributed.process_group import select_accelerator
 from bigtrain.errors import BigtrainError, PeerLostError
+from bigtrain.runtime.rundir import write_config
 
 log = logging.getLogger("bigtrain")
 
@@ -60,6 +62,7 @@ class Run:
         self.device = resolve_device(cfg)
         self.ranks = self.grid = self.run_dir = None
         self.watchdog = self.checkpointer = self.engine = self.metrics = None
+        self.locks = []
         self.owns_process_group = False
         self.peer_lost = False
 
@@ -70,8 +73,10 @@ class Run:
 
         cfg = self.cfg
         self._join_process_group()
-        self._open_run_dir()
+        self._claim_run_dir()
         resume = self._in_phase("loading checkpoint", self.checkpointer.find_resume_point)
+        if self.ranks.is_main:  # once the run is known to go ahead: a refused resume leaves it as it was
+            write_config(cfg)
         ds_config = self._deepspeed_config(resume)
         flops, model = self._build_model(ds_config)
         loader = self._in_phase("preparing data", self._build_loader)
@@ -95,25 +100,49 @@ class Run:
         from bigtrain.distributed.process_group import init_distributed
         from bigtrain.distributed.topology import ProcessGrid
 
-        select_accelerator(self.device)
+        select_accelerator(self.device, optimizer_on_cpu=self.cfg.offload.optimizer == "cpu")
+        _remember_deepspeed_groups()
         self.owns_process_group = not dist.is_initialized()
         self.ranks = init_distributed(self.cfg.fault.collective_timeout_s)
+        if self.device == "cuda":  # this run's peak, not an earlier in-process run's
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         self.grid = ProcessGrid.of(self.cfg, self.ranks.world_size)
 
-    def _open_run_dir(self) -> None:
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the run dir (and a checkpoint dir outside it) before any rank writes there; a
+        second job on the same folders stops here, all of its ranks, having written nothing."""
         from bigtrain.components.checkpoint.checkpointer import Checkpointer
-        from bigtrain.runtime.rundir import prepare_run_dir, setup_logging
+        from bigtrain.components.checkpoint.store import checkpoint_dir
+        from bigtrain.distributed.process_group import decided_by_rank0
+        from bigtrain.runtime.rundir import setup_logging
         from bigtrain.runtime.watchdog import Watchdog
 
         cfg, ranks = self.cfg, self.ranks
-        self.run_dir = prepare_run_dir(cfg, ranks.is_main)
+        self.run_dir = Path(cfg.run_dir)
+        ckpt_dir = checkpoint_dir(cfg)
+        folders = [self.run_dir] + ([] if ckpt_dir.is_relative_to(self.run_dir) else [ckpt_dir])
+        job = decided_by_rank0(lambda: self._lock(folders))
         setup_logging(self.run_dir, ranks.is_main, cfg.logging.deepspeed_level)
         log.info("run dir %s, %d rank(s) on %s (%s)", self.run_dir, ranks.world_size, self.device,
                  self.grid.describe())
         if cfg.fault.hang_timeout_s > 0:
-            self.watchdog = Watchdog(self.run_dir, ranks.rank, ranks.world_size, cfg.fault.hang_timeout_s)
+            self.watchdog = Watchdog(self.run_dir, ranks.rank, ranks.world_size, cfg.fault.hang_timeout_s, job)
             self.watchdog.start()
         self.checkpointer = Checkpointer(self.cfg, ranks.rank, self.grid)
+
+    def _lock(self, folders: list[Path]) -> str:
+        """Lock `folders` (rank 0); the job's token, which tells its heartbeats from another job's."""
+        import uuid
+
+        from bigtrain.runtime.rundir import FolderLock
+
+        for folder in folders:
+            lock = FolderLock(folder)
+            lock.acquire()
+            self.locks.append(lock)
+        return uuid.uuid4().hex
 
     def _deepspeed_config(self, resume) -> dict:
         from bigtrain.config.deepspeed import to_deepspeed_config
@@ -127,14 +156,14 @@ class Run:
 
     def _build_model(self, ds_config: dict):
         """(training FLOPs per token, the model)."""
-        from bigtrain.components.models import build_model, model_shape
+        from bigtrain.components.models import build_model, model_shape, special_token_ids
         from bigtrain.monitor.metrics import flops_per_token
 
         cfg = self.cfg
         shape = model_shape(cfg.model)
         flops = flops_per_token(shape.matmul_parameters, shape.num_layers, shape.hidden_size, cfg.train.seq_len)
         log.info("model %s: %.1fM parameters", cfg.model.name, shape.parameters / 1e6)
-        return flops, build_model(cfg.model, cfg.seed, ds_config)
+        return flops, build_model(cfg.model, cfg.seed, ds_config, special_token_ids(cfg.data.tokenizer))
 
     def _build_loader(self):
         from bigtrain.components.data.loader import BatchLoader, BatchPlan
@@ -178,7 +207,7 @@ class Run:
             peak_tflops=peak, world_size=self.ranks.world_size, system=SystemStats(self.device, self.ranks.local_rank),
             wandb=WandbSink(cfg, self.run_dir) if cfg.logging.wandb else None,
         )
-        metrics.drop_after(start_step)  # steps logged after the checkpoint will be trained again
+        metrics.start_from(start_step)
         return metrics
 
     def _gradient_exchange(self):
@@ -237,6 +266,7 @@ class Run:
             if self.owns_process_group:
                 steps.append(("process groups", _destroy_process_groups))
         steps.append(("process state", _forget_process_state))
+        steps += [("run dir lock", lock.release) for lock in self.locks]
         for name, action in steps:
             if not action:
                 continue
@@ -258,13 +288,46 @@ def _destroy_process_groups() -> None:
 
 
 def _forget_process_state() -> None:
-    """Process-wide state a run leaves and the next must not inherit: transformers' ZeRO-3 switch and
-    the run's log file."""
+    """Process-wide state a run leaves and the next must not inherit: transformers' ZeRO-3 switch,
+    DeepSpeed's record of the run's parallel groups, and the run's log file."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    _restore_deepspeed_groups()
     logger = logging.getLogger("bigtrain")
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
 
+
+
+# DeepSpeed keeps the parallel layout of the last engine in module globals (deepspeed.utils.groups: the
+# model-parallel unit, the tensor-parallel mesh, its groups), and a later engine in the same process
+# reads them: after a tensor-parallel run, a data-parallel one would think it is tensor-parallel. Their
+# values from before the first run are put back after every run.
+_pristine_groups: dict | None = None
+
+
+def _remember_deepspeed_groups() -> None:
+    global _pristine_groups
+    if _pristine_groups is None:
+        import copy
+
+        from deepspeed.utils import groups
+
+        _pristine_groups = {name: copy.copy(value) for name, value in vars(groups).items() if _is_group_state(name, value)}
+
+
+def _restore_deepspeed_groups() -> None:
+    if _pristine_groups:
+        import copy
+
+        from deepspeed.utils import groups
+
+        for name, value in _pristine_groups.items():
+            setattr(groups, name, copy.copy(value))
+
+
+def _is_group_state(name: str, value) -> bool:
+    state_name = name in ("mpu", "mesh_device") or (name.startswith("_") and name.lstrip("_").isupper())
+    return state_name and (value is None or isinstance(value, (dict, list)))

@@ -67,7 +67,12 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._device_flag = torch.zeros(2, device=engine.device)
-        self.timer = StepTimer(cfg.logging.step_breakdown, synchronize=get_accelerator().synchronize)
+        self.overflowed = False
+        self.timer = StepTimer(cfg.logging.step_breakdown, device=device)
+        self.fp16 = engine.fp16_enabled()
+        self.max_overflow_steps = cfg.fault.max_overflow_steps
+        self.consecutive_overflows = 0
+        self.stop_requested = False  # agreed by all ranks in the step's first flag exchange
 
     def train(self, start_step: int) -> TrainOutcome:
         """Train from `start_step` completed steps to max_steps."""
@@ -92,7 +97,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.step_done(completed)
             self._guard(completed, skipped)
-            stop_requested = self._any_rank_signalled()
+            stop_requested = self._any_rank_signalled() if self.pipelined else self.stop_requested
             if self._should_log(completed, start_step) or stop_requested:
                 get_accelerator().synchronize()
                 elapsed = time.perf_counter() - window_start
@@ -140,7 +145,7 @@ class Trainer:
             self.compute_time += time.perf_counter() - started
             if self.watchdog is not None:
                 self.watchdog.progress()
-            if not self._finite_on_all_ranks(loss):
+            if not self._finite_on_all_ranks(loss, first=micro == 0):
                 if micro == 0:
                     return loss.detach(), True
                 # Earlier micro-batches are already accumulated: finish the step without this one.
@@ -155,13 +160,27 @@ class Trainer:
             with self.timer.phase("optimizer"):
                 if self.engine.is_gradient_accumulation_boundary():
                     self.exchange.reduce_gradients()
-                self.engine.step()
+                self._optimizer_step()
             total += loss.detach().float()
         # DeepSpeed skips a ZeRO step whose gradient norm is not finite. Under fp16 that is routine
         # loss-scale calibration, not a fault, unless the loss itself was non-finite.
         overflow = not self.engine.was_step_applied()
-        skipped = overflow and (nonfinite_loss or not self.engine.fp16_enabled())
+        self.overflowed = overflow and self.fp16 and not nonfinite_loss
+        skipped = overflow and (nonfinite_loss or not self.fp16)
         return total / self.grad_accum, skipped
+
+    def _optimizer_step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as err:  # DeepSpeed raises a bare Exception when fp16's loss scale hits its floor
+            if "loss scale" not in str(err).lower():
+                raise
+            raise NonFiniteError(
+                f"fp16's loss scale fell to its minimum ({' '.join(str(err).split())[:200]}): the gradients keep "
+                "overflowing, so training stopped without saving. The last checkpoint "
+                f"({self.checkpointer.latest()}) is intact: relaunch from it with a lower optimizer.lr, "
+                "optimizer.grad_clip, or precision=bf16."
+            ) from None
 
     def forward(self, step: int, input_ids: torch.Tensor) -> torch.Tensor:
         """The loss of one micro-batch of optimizer step `step` (0-based)."""
@@ -186,11 +205,18 @@ class Trainer:
             )
         return loss.detach(), skipped
 
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        flag = self._device_flag[:1]
-        flag.fill_(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+    def _finite_on_all_ranks(self, loss: torch.Tensor, first: bool) -> bool:
+        """Whether the micro-batch's loss is finite on every rank, before its backward pass. The first
+        micro-batch of a step also carries each rank's stop request, so that a step costs one host
+        synchronization for both (grad_accum > 1 adds one for each later micro-batch)."""
+        flags = self._device_flag
+        flags[0] = (~torch.isfinite(loss.detach()).all()).float()
+        flags[1] = 1.0 if first and self.stop_signal.received is not None else 0.0
+        dist.all_reduce(flags)
+        nonfinite, stop = flags.tolist()
+        if first:
+            self.stop_requested = stop > 0
+        return nonfinite == 0.0
 
     def _any_rank_signalled(self) -> bool:
         """All ranks agree on stopping, whichever rank the signal reached."""
@@ -200,6 +226,7 @@ class Trainer:
         return flag.item() > 0
 
     def _guard(self, completed: int, skipped: bool) -> None:
+        self._guard_overflows(completed)
         if skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -222,6 +249,22 @@ class Trainer:
                 "the weights are not trustworthy; training stopped without saving. The last "
                 f"checkpoint ({self.checkpointer.latest()}) is intact: relaunch to resume from it, "
                 "with a lower optimizer.lr or optimizer.grad_clip."
+            )
+
+    def _guard_overflows(self, completed: int) -> None:
+        """fp16 skips a step whose gradients overflowed and lowers its loss scale: routine now and then,
+        a divergence when it goes on. Stop at fault.max_overflow_steps in a row, with the non-finite
+        exit code, rather than crash later at the loss scale's floor and be relaunched into the same."""
+        if not getattr(self, "overflowed", False):
+            self.consecutive_overflows = 0
+            return
+        self.consecutive_overflows += 1
+        if self.consecutive_overflows >= self.max_overflow_steps:
+            raise NonFiniteError(
+                f"{self.consecutive_overflows} consecutive steps (up to step {completed}) overflowed in fp16 and "
+                "were skipped, so training stopped without saving; the last checkpoint "
+                f"({self.checkpointer.latest()}) is intact. Lower optimizer.lr or optimizer.grad_clip, use "
+                "precision=bf16, or raise fault.max_overflow_steps."
             )
 
     def _find_stragglers(self) -> list[dict]:

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,12 +39,13 @@ BLOCKING_PHASES = {"starting", "preparing data", "loading checkpoint", "saving c
 
 
 class Watchdog:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, hang_timeout_s: float):
+    def __init__(self, run_dir: Path, rank: int, world_size: int, hang_timeout_s: float, job: str = ""):
         self.dir = run_dir / "heartbeat"
         self.report_path = run_dir / "hang_report.txt"
         self.rank = rank
         self.world_size = world_size
         self.hang_timeout_s = hang_timeout_s
+        self.job = job  # the job's token: heartbeats of another job in this run dir are not ours
         self.host = socket.gethostname()
         self.step = 0
         self.phase = "starting"
@@ -88,7 +90,7 @@ class Watchdog:
 
     def _beat(self) -> None:
         beat = {
-            "rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
+            "job": self.job, "rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
             "phase": self.phase, "progress_time": self.progress_time, "time": time.time(),
         }
         tmp = self.dir / f".rank_{self.rank}.{threading.get_ident()}.tmp"  # two writers: loop and thread
@@ -96,13 +98,14 @@ class Watchdog:
         os.replace(tmp, self.dir / f"rank_{self.rank}.json")
 
     def read_beats(self) -> dict[int, dict]:
-        """Heartbeats of this run; files left by an earlier run in the same run dir are ignored."""
+        """Heartbeats of this job; files left by an earlier job in the same run dir are ignored."""
         beats = {}
         for rank in range(self.world_size):
             path = self.dir / f"rank_{rank}.json"
             if path.is_file():
                 beat = json.loads(path.read_text())
-                if beat["time"] >= self.started_at - self.hang_timeout_s / 2 or rank == self.rank:
+                if beat.get("job") == self.job and (beat["time"] >= self.started_at - self.hang_timeout_s / 2
+                                                    or rank == self.rank):
                     beats[rank] = beat
         return beats
 
@@ -163,9 +166,21 @@ class Watchdog:
 
     def _kill_local(self, stalled: list[int], beats: dict) -> None:
         """SIGKILL stalled ranks on this host a moment after we exit, so our exit code reaches the
-        launcher first and a stopped process cannot hold up its teardown."""
+        launcher first and a stopped process cannot hold up its teardown. Only process ids of this
+        job's heartbeats that are whole numbers are passed on, as arguments, never through a shell."""
         pids = [str(beats[r]["pid"]) for r in stalled if r in beats and beats[r]["host"] == self.host
-                and beats[r]["pid"] != os.getpid()]
+                and isinstance(beats[r]["pid"], int) and 1 < beats[r]["pid"] != os.getpid()]
         if pids:
-            subprocess.Popen(["sh", "-c", f"sleep 1; kill -{signal.SIGKILL.value} {' '.join(pids)}"],
-                             start_new_session=True)
+            subprocess.Popen([sys.executable, "-c", KILL_LATER, str(signal.SIGKILL.value), *pids], start_new_session=True)
+
+
+# Run as `python -c KILL_LATER SIGNAL PID...`: wait a second, then signal each process.
+KILL_LATER = """
+import os, sys, time
+time.sleep(1)
+for pid in sys.argv[2:]:
+    try:
+        os.kill(int(pid), int(sys.argv[1]))
+    except OSError:
+        pass  # already gone
+"""

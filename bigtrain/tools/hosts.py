@@ -8,6 +8,7 @@ paragraph naming the bad line or host and what to change, raised before DeepSpee
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from bigtrain.config import compose
-from bigtrain.config.derived import resolve_device
 from bigtrain.config.validate import validate
+from bigtrain.distributed.process_group import set_network_defaults
 from bigtrain.errors import ConfigError
 
 # Host names go to pdsh and ssh unquoted, and into the shell command line pdsh runs on every node:
@@ -27,6 +28,8 @@ from bigtrain.errors import ConfigError
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 SLOTS = re.compile(r"slots=(\d+)")
+IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+MAX_SLOTS = 1024
 # Prints "NAME ADDRESS": the host's name and the address gloo would listen on without
 # GLOO_SOCKET_IFNAME, found as torch finds it (the first address the name resolves to that a socket
 # can bind; none: gloo falls back to loopback). Runs on every host, so only the standard library.
@@ -64,7 +67,14 @@ def read_hostfile(path: str | Path) -> list[HostEntry]:
         raise ConfigError(
             f"Hostfile {str(path)!r} does not exist. Pass the right path, or write one with {FORMAT_HINT}."
         )
-    return parse_hostfile(path.read_text(), str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"Hostfile {str(path)!r} cannot be read as text ({type(err).__name__}): it is not a hostfile. "
+            f"Write {FORMAT_HINT}."
+        ) from None
+    return parse_hostfile(text, str(path))
 
 
 def parse_hostfile(text: str, source: str = "hostfile") -> list[HostEntry]:
@@ -83,22 +93,53 @@ def parse_hostfile(text: str, source: str = "hostfile") -> list[HostEntry]:
         name = fields[0]
         check_host_name(name, where)
         count = int(slots.group(1))
+        if count > MAX_SLOTS:
+            raise ConfigError(
+                f"{where}: host {name} has slots={count}, more processes than any node runs (at most "
+                f"{MAX_SLOTS}): a typo? Give the node's number of GPUs, or of CPU ranks."
+            )
         if count == 0:
             raise ConfigError(
                 f"{where}: host {name} has slots=0, which would start no process there. Give it "
                 "slots=N with N >= 1 (the number of processes for that node, e.g. its GPU count), "
                 "or remove the line."
             )
-        if name in hosts:
-            raise ConfigError(
-                f"Hostfile {source}: host {name} is listed twice (lines {hosts[name].line} and "
-                f"{number}); DeepSpeed refuses duplicate hosts. List every node once, with all of "
-                f"its processes in one slots=N."
-            )
-        hosts[name] = HostEntry(name, count, number)
+        if name.lower() in hosts:
+            raise _listed_twice(source, hosts[name.lower()], name, number, "host names do not depend on case")
+        hosts[name.lower()] = HostEntry(name, count, number)
     if not hosts:
         raise ConfigError(f"Hostfile {source} lists no hosts. Write {FORMAT_HINT}.")
+    _check_addresses(list(hosts.values()), source)
     return list(hosts.values())
+
+
+def _listed_twice(source: str, first: HostEntry, name: str, number: int, why: str = "") -> ConfigError:
+    if name == first.name:
+        seen = f"host {name} is listed twice (lines {first.line} and {number})"
+    else:
+        seen = f"hosts {first.name} (line {first.line}) and {name} (line {number}) are the same node ({why})"
+    return ConfigError(
+        f"Hostfile {source}: {seen}; DeepSpeed refuses duplicate hosts. List every node once, with all of its "
+        "processes in one slots=N."
+    )
+
+
+def _check_addresses(hosts: list[HostEntry], source: str) -> None:
+    """A node listed once by name and once by its own address is one node. Names are resolved only when
+    the hostfile has addresses in it, so a hostfile of names costs no lookups."""
+    literal = {h.name: h for h in hosts if IPV4.fullmatch(h.name)}
+    if not literal:
+        return
+    for host in hosts:
+        if host.name in literal:
+            continue
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host.name, None, socket.AF_INET)}
+        except OSError:
+            continue  # not resolvable here: the ssh check reports it
+        for address in sorted(addresses & literal.keys()):
+            first, second = sorted((host, literal[address]), key=lambda h: h.line)
+            raise _listed_twice(source, first, second.name, second.line, f"{host.name} resolves to {address}")
 
 
 def check_host_name(name: str, where: str) -> None:
@@ -153,12 +194,19 @@ def check_ssh(hosts: list[HostEntry], port: int | None = None, options: str = ""
     remote = (f"test -x {shlex.quote(python)} || exit 3; test -d {shlex.quote(cwd)} || exit 4; "
               f"{shlex.quote(python)} -c {shlex.quote(GLOO_ADDRESS_PROBE)}")
     resolved: dict[str, str] = {}
+    try:
+        extra = shlex.split(options)
+    except ValueError as err:
+        raise ConfigError(
+            f"PDSH_SSH_ARGS_APPEND={options!r} cannot be split into ssh options ({err}): pdsh would fail the same "
+            "way on every host. Fix its quoting, e.g. PDSH_SSH_ARGS_APPEND='-i ~/.ssh/key -o StrictHostKeyChecking=no'."
+        ) from None
 
     def probe(host: HostEntry) -> str | None:
         # ssh keeps the first value it is given for an option: ours bound the probe's time and
         # forbid prompts whatever the user's options say.
         command = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(timeout_s))}",
-                   *shlex.split(options), *(["-p", str(port)] if port else []), host.name, remote]
+                   *extra, *(["-p", str(port)] if port else []), host.name, remote]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 5,
                                   stdin=subprocess.DEVNULL)
@@ -202,7 +250,8 @@ def check_gloo_address(host: str, probe_answer: str) -> None:
     seen = (f"resolves its own name {name!r} to {address}, a loopback address" if address
             else f"resolves its own name {name!r} to no address it has")
     raise ConfigError(
-        f"Host {host} {seen}, so gloo, which carries the collectives of CPU ranks, would listen on "
+        f"Host {host} {seen}, so gloo, which carries the collectives of CPU ranks and bigtrain's own side "
+        "group on GPUs, would listen on "
         "loopback where the other nodes cannot reach it, and the job would hang at its first "
         "collective. Set GLOO_SOCKET_IFNAME to the network interface the nodes share (the same name "
         "on every node, e.g. GLOO_SOCKET_IFNAME=eth0; `ip -br addr` lists them), or make each "
@@ -228,9 +277,12 @@ def check_launch(hostfile: str | Path, overrides: list[str], *, ssh: bool = True
         check_host_name(master_addr, "The master address")
     if node_rank is not None:
         check_node_rank(hosts, node_rank, str(hostfile))
-    cfg = check_layout(hosts, overrides, str(hostfile))
+    check_layout(hosts, overrides, str(hostfile))
     resolved = check_ssh(hosts, ssh_port, ssh_options, ssh_timeout_s, str(hostfile)) if ssh else {}
-    if len(hosts) > 1 and not os.environ.get("GLOO_SOCKET_IFNAME") and resolve_device(cfg) == "cpu":
+    env = dict(os.environ)
+    set_network_defaults(env)  # as every rank will see it
+    # gloo carries CPU ranks' collectives, and GPU jobs' own side group (long waits, checkpoint decisions).
+    if len(hosts) > 1 and not env.get("GLOO_SOCKET_IFNAME"):
         if ssh:
             for host in hosts:
                 check_gloo_address(host.name, resolved[host.name])

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bigtrain.errors import ConfigError
+from bigtrain.monitor.metrics import read_records
 from bigtrain.monitor.progress import format_duration
 from bigtrain.monitor.timing import PHASES
 
@@ -43,14 +44,28 @@ class Summary:
         return [f"{name:<15}{value}" for name, value in self.rows()]
 
 
-def read_records(run_dir: Path) -> list[dict]:
+def run_records(run_dir: Path) -> list[dict]:
+    """The run's step records. A last line cut short (the run crashed while writing it) is left out;
+    anything else that is not a record is refused, naming the line."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no metrics.jsonl, so it is not a bigtrain run dir (or the run "
                           "has not logged a step yet). Pass the run_dir of a run.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = read_records(path)
+    lines = len(path.read_text(errors="replace").rstrip("\n").splitlines())
+    damaged = [n for n in bad if n != lines]
+    if damaged:
+        raise ConfigError(
+            f"{path} line {damaged[0]} is not a step record ({len(damaged)} such line(s)): the file was altered or "
+            "is not a bigtrain metrics file. Restore it, or remove the damaged lines to report on the rest."
+        )
     if not records:
-        raise ConfigError(f"{path} is empty: the run has not logged a step yet.")
+        raise ConfigError(f"{path} has no step record yet: the run has not logged a step.")
+    required = {"step", "tokens_per_s", "step_time_s", "mem_gb"}
+    incomplete = next((r for r in records if not required <= r.keys()), None)
+    if incomplete is not None:
+        raise ConfigError(f"{path} has a record without {sorted(required - incomplete.keys())} (step "
+                          f"{incomplete['step']}): it is not a bigtrain metrics file.")
     return records
 
 
@@ -149,7 +164,7 @@ pre{{background:#f4f4f4;padding:.5em;max-height:20em;overflow:auto}}</style></he
 def report(run_dir: str, out_dir: str | None = None) -> tuple[Summary, Path, Path]:
     """Write report.png and report.html (in `out_dir`, default the run dir); return the summary and paths."""
     run = Path(run_dir)
-    records = read_records(run)
+    records = run_records(run)
     summary = summarize(records)
     out = Path(out_dir) if out_dir else run
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config.compose import CONF_DIR, _register
+from bigtrain.config.derived import resolve_device
 from bigtrain.config.validate import validate
 from bigtrain.errors import ConfigError
 
@@ -44,7 +45,7 @@ def trial(cfg: DictConfig) -> float:
             result = train_here(cfg)
         else:
             overrides = [*hydra_cfg.overrides.task, f"run_dir={cfg.run_dir}"]
-            result = launch(cfg, launch_command("deepspeed", ranks, overrides))
+            result = launch(cfg, launch_command("deepspeed", ranks, overrides, on_gpu=resolve_device(cfg) == "cuda"))
         value = _final(result.metrics, cfg.sweep.metric)
     except ConfigError as err:
         print(f"bigtrain: config error: {err}", file=sys.stderr)

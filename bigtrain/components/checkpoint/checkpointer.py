@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from bigtrain.components.checkpoint.fingerprint import check_fingerprint, run_fingerprint
 from bigtrain.components.checkpoint.rng import capture_rng_state, restore_rng_state, rng_file, seed_everything
+from bigtrain.components.checkpoint.safe_load import check_folder, safe_load, weights_only_loads
 from bigtrain.components.checkpoint.store import (
     LATEST,
     MANIFEST,
@@ -35,7 +37,7 @@ from bigtrain.components.checkpoint.store import (
     tag_for,
 )
 from bigtrain.components.checkpoint.universal import convert_to_universal, universal_info
-from bigtrain.distributed.process_group import long_wait_group
+from bigtrain.distributed.process_group import decided_by_rank0, long_wait_group
 from bigtrain.distributed.topology import ProcessGrid
 from bigtrain.errors import CheckpointError, ConfigError
 
@@ -72,6 +74,7 @@ class Checkpointer:
         self.world_size = grid.world_size
         self.dp_size = grid.data
         self.engine = None
+        self.fingerprint = run_fingerprint(cfg) if self.is_main else {}
 
     @property
     def is_main(self) -> bool:
@@ -178,7 +181,7 @@ class Checkpointer:
         files = {}
         for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
             files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
-        manifest = {**client_state, "files": files}
+        manifest = {**client_state, "fingerprint": self.fingerprint, "files": files}
         atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write(self.dir / LATEST, tag_dir.name)
 
@@ -201,17 +204,7 @@ class Checkpointer:
 
     def find_resume_point(self) -> ResumePoint | None:
         """Rank 0 picks (and if needed converts) the checkpoint to resume from; all ranks get it."""
-        decision = [None]
-        if self.is_main:
-            try:
-                self._check_writable()
-                decision[0] = self._choose()
-            except (ConfigError, CheckpointError) as err:
-                decision[0] = err
-        dist.broadcast_object_list(decision, src=0, group=long_wait_group())
-        if isinstance(decision[0], Exception):
-            raise decision[0]
-        return decision[0]
+        return decided_by_rank0(lambda: self._check_writable() or self._choose())
 
     def _check_writable(self) -> None:
         """Fail at start-up, not at the first save hours later, if checkpoints cannot be written."""
@@ -252,6 +245,8 @@ class Checkpointer:
                     "checkpoint.resume=auto to take the newest valid checkpoint of this run."
                 )
         manifest = read_manifest(tag_dir)
+        check_fingerprint(manifest.get("fingerprint"), self.fingerprint, str(tag_dir))
+        check_folder(tag_dir)  # before any rank loads any of it
         point = ResumePoint(
             path=str(tag_dir),
             step=manifest["step"],
@@ -303,12 +298,13 @@ class Checkpointer:
     def load(self, point: ResumePoint) -> dict:
         """Load `point` into the attached engine and this rank's RNG; return the client state."""
         path = Path(point.universal_path or point.path)
-        loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        with weights_only_loads(path):
+            loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}.")
         rng_path = Path(point.path) / rng_file(self.rank)
         if point.world_size == self.world_size and rng_path.is_file():
-            restore_rng_state(torch.load(rng_path, weights_only=False))
+            restore_rng_state(safe_load(rng_path))
         else:
             # A rank that did not exist (or a different layout): a fresh, reproducible stream.
             seed_everything(self.seed + 1_000_003 * point.step + self.rank)

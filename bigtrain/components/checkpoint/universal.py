@@ -30,10 +30,21 @@ def convert_to_universal(tag_dir: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        sys.executable, "-m", "bigtrain.components.checkpoint.universal",
         "--input_folder", str(tag_dir), "--output_folder", str(out),
         "--num_extract_workers", "1", "--num_merge_workers", "1",
     ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CheckpointError(f"Converting {tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}")
+
+
+if __name__ == "__main__":
+    # DeepSpeed's converter, with every file it reads unpickled weights-only (safe_load.py).
+    from deepspeed.checkpoint import ds_to_universal
+
+    from bigtrain.components.checkpoint.safe_load import weights_only_loads
+
+    arguments = ds_to_universal.parse_arguments()
+    with weights_only_loads(Path(arguments.input_folder)):
+        ds_to_universal.main(arguments)

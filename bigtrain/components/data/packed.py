@@ -2,13 +2,12 @@
 
 import contextlib
 import hashlib
-from pathlib import Path
 
 import torch.distributed as dist
 from datasets import Dataset, load_dataset
 from omegaconf import DictConfig
 
-from bigtrain.components.data.tokenizer import load_tokenizer
+from bigtrain.components.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from bigtrain.distributed.process_group import long_wait_group
 from bigtrain.errors import ConfigError
 
@@ -52,11 +51,8 @@ def build_packed_dataset(data_cfg: DictConfig, seq_len: int) -> Dataset:
 
 
 def _fingerprint(dataset_fingerprint: str, tokenizer_dir: str, text_field: str) -> str:
-    digest = hashlib.sha256(f"{dataset_fingerprint}|{text_field}".encode())
-    for path in sorted(Path(tokenizer_dir).iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    key = f"{dataset_fingerprint}|{text_field}|{tokenizer_fingerprint(tokenizer_dir)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
