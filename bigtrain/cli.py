@@ -1,7 +1,8 @@
 """The `bigtrain` command: check a configuration or a multi-node launch, plan memory, report on and
 sample from a run, sweep, export a trained model.
 
-    bigtrain config [--world-size N] [--show yaml|deepspeed] [OVERRIDES...]
+    bigtrain config [--world-size N] [--show yaml|deepspeed] [--device cuda|cpu] [OVERRIDES...]
+    bigtrain prepare --out DIR [--workers N] [--validation-fraction F] [OVERRIDES...]
     bigtrain hosts [--no-ssh] [--ssh-port P] [--node-rank R] [--master-addr A] HOSTFILE [OVERRIDES...]
     bigtrain plan [--ranks N] [--device-memory GB] [--cpu-memory GB] [--nvme GB] ... [OVERRIDES...]
     bigtrain report RUN_DIR [--out DIR]
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add_arguments, _, _) in COMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
+    if args.command in OFFLINE_TOOLS:  # they read files with DeepSpeed's code but use no accelerator
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _, _, command, failure = COMMANDS[args.command]
     try:
         return command(args)
@@ -71,6 +74,48 @@ def config_command(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
     else:
         print(json.dumps(to_deepspeed_config(cfg, world_size), indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- prepare
+
+
+def add_prepare_arguments(prepare: argparse.ArgumentParser) -> None:
+    prepare.add_argument("--out", required=True, help="folder to write the prepared data to (data.sources of a run)")
+    prepare.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    prepare.add_argument("--validation-fraction", type=float, default=0.02,
+                         help="share of documents held out for evaluation, chosen by document (default 0.02)")
+    prepare.add_argument("--seed", type=int, default=1234, help="seeds the choice of held-out documents")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.add_argument("overrides", nargs="*",
+                         help="the data group and keys of the source: data=hf data.files=[a.jsonl] data.format=chat ...")
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bigtrain.components.data.prepare import prepare
+    from bigtrain.config import compose
+
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 (one per core) or more, got {args.workers}.")
+    cfg = compose(args.overrides)
+    if cfg.data.sources:
+        raise ConfigError("data=prepared reads folders that are already prepared; pass the source's data group "
+                          "(data=hf data.files=[...], or data=bundled) to prepare one.")
+    done = prepare(cfg.data, Path(args.out), workers=args.workers, validation_fraction=args.validation_fraction,
+                   seed=args.seed, progress=not args.no_progress)
+    meta = done.meta
+    if done.up_to_date:
+        print(f"{done.out} is up to date (same files, tokenizer and settings): nothing to do")
+        return 0
+    train, held_out = meta["splits"]["train"], meta["splits"]["validation"]
+    tokens = train["tokens"] + held_out["tokens"]
+    print(f"prepared {done.out}: {train['documents']:,} training documents ({train['tokens']:,} tokens), "
+          f"{held_out['documents']:,} held out ({held_out['tokens']:,} tokens), {meta['dtype']} tokens "
+          f"({Path(done.out, 'train.bin').stat().st_size / max(1, train['tokens']):.1f} bytes each), in "
+          f"{meta['seconds']:.1f} s ({tokens / max(meta['seconds'], 1e-9):,.0f} tokens/s)")
+    print(f"train on it with: data=prepared data.sources=[{done.out}]")
     return 0
 
 
@@ -186,13 +231,15 @@ def add_export_arguments(exporter: argparse.ArgumentParser) -> None:
     exporter.add_argument("--checkpoint", help="a step_* folder (default: the newest valid checkpoint)")
     exporter.add_argument("--overwrite", action="store_true",
                           help="replace OUT_DIR if it already holds files (default: refuse)")
+    exporter.add_argument("--adapter", action="store_true",
+                          help="a LoRA run: write the peft adapter alone (default: the merged model)")
 
 
 def export_command(args: argparse.Namespace) -> int:
     from bigtrain.tools.export import export
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(export(args.run_dir, args.out_dir, args.checkpoint, overwrite=args.overwrite))
+    print(export(args.run_dir, args.out_dir, args.checkpoint, overwrite=args.overwrite, adapter=args.adapter))
     return 0
 
 
@@ -211,10 +258,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+OFFLINE_TOOLS = ("prepare", "export", "sample", "report")
 # name: (help, add_arguments, command, what a refusal is called)
 COMMANDS = {
     "config": ("compose and validate a config; print the DeepSpeed JSON derived from it",
                add_config_arguments, config_command, "config error"),
+    "prepare": ("tokenize a data source once into memory-mapped token files for data=prepared",
+                add_prepare_arguments, prepare_command, "prepare error"),
     "hosts": ("check a hostfile and the hosts before a multi-node launch (launchers/multinode.sh)",
               add_hosts_arguments, hosts_command, "launch check failed"),
     "export": ("write a run's checkpoint as a Hugging Face model folder (any ZeRO stage)",

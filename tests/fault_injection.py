@@ -23,10 +23,10 @@ from bigtrain.train import main
 def inject(nan_steps: set[int], slow_rank: int, slow_step_s: float, slow_save_s: float) -> None:
     forward, save = Trainer.forward, Checkpointer.save
 
-    def faulty_forward(self, step, input_ids):
+    def faulty_forward(self, step, batch, tokens):
         if dist.get_rank() == slow_rank:
             time.sleep(slow_step_s)
-        loss = forward(self, step, input_ids)
+        loss = forward(self, step, batch, tokens)
         if step + 1 in nan_steps and dist.get_rank() == 0:
             loss = loss * float("nan")
         return loss

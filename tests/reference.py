@@ -1,16 +1,19 @@
 """A single-process, plain-PyTorch training loop that parallel bigtrain runs are checked against.
 
 It shares only the pieces under test's *inputs* with bigtrain (model construction from the config,
-the data order, the schedule formula), and none of the engine: no DeepSpeed, no ZeRO, no all-reduce.
+the prepared data and its order, the schedule formula), and none of the engine: no DeepSpeed, no ZeRO,
+no all-reduce. Its loss is written out here: the sum of the step's token losses over its token count.
 """
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from bigtrain.components.data.loader import BatchPlan
-from bigtrain.components.data.packed import build_packed_dataset
+from bigtrain.components.data.loader import BatchLoader, BatchPlan
+from bigtrain.components.data.prepared import IGNORE
+from bigtrain.components.data.sources import ensure_prepared, open_samples, training_sources
 from bigtrain.components.lr_schedule import lr_ratio
-from bigtrain.components.models import build_model
+from bigtrain.components.models import build_model, special_token_ids
 
 
 def reference_losses(cfg: DictConfig, dp_size: int, steps: int) -> list[float]:
@@ -18,20 +21,29 @@ def reference_losses(cfg: DictConfig, dp_size: int, steps: int) -> list[float]:
     return reference_run(cfg, dp_size, steps)[0]
 
 
+def reference_loader(cfg: DictConfig, dp_size: int) -> BatchLoader:
+    """One rank reading dp_size micro-batches at once reads the same samples as dp_size ranks together."""
+    ensure_prepared(cfg)
+    sources = training_sources(cfg)
+    plan = BatchPlan(micro_batch_size=cfg.train.micro_batch_size * dp_size, grad_accum=cfg.train.grad_accum,
+                     dp_size=1, dp_rank=0)
+    return BatchLoader(open_samples(cfg, sources, "train"), [s.weight for s in sources], plan, cfg.seed)
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of the next-token losses, their count) of a batch."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
 def reference_run(cfg: DictConfig, dp_size: int, steps: int) -> tuple[list[float], torch.nn.Module]:
     """reference_losses, and the model as it is after those steps."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.seed)
-    dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
-    # One rank reading dp_size micro-batches at once reads the same blocks as dp_size ranks together.
-    plan = BatchPlan(
-        num_blocks=len(dataset),
-        micro_batch_size=cfg.train.micro_batch_size * dp_size,
-        grad_accum=cfg.train.grad_accum,
-        dp_size=1,
-        dp_rank=0,
-        seed=cfg.seed,
-    )
+    model = build_model(cfg.model, cfg.seed, special_tokens=special_token_ids(cfg.data.tokenizer))
+    loader = reference_loader(cfg, dp_size)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         decay_groups(model, opt.weight_decay, exempt_defaults=list(opt.no_decay) == ["bias", "norm", "embed"]),
@@ -43,10 +55,11 @@ def reference_run(cfg: DictConfig, dp_size: int, steps: int) -> tuple[list[float
         ratio = lr_ratio(step, cfg.scheduler.warmup_steps, cfg.train.max_steps, min_ratio)
         for group in optimizer.param_groups:
             group["lr"] = opt.lr * ratio
+        batches = [loader.micro_batch(step, micro) for micro in range(cfg.train.grad_accum)]
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         total = 0.0
-        for micro in range(cfg.train.grad_accum):
-            ids = dataset[plan.indices(step, micro)]["input_ids"]
-            loss = model(input_ids=ids, labels=ids).loss / cfg.train.grad_accum
+        for batch in batches:
+            loss = token_loss_sum(model, batch)[0] / tokens
             loss.backward()
             total += loss.item()
         if opt.grad_clip > 0:

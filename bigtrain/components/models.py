@@ -90,9 +90,10 @@ def special_token_ids(tokenizer_path: str) -> dict[str, int]:
     return {key: value for key, value in ids.items() if value is not None}
 
 
-def check_model_config(model_cfg: DictConfig, config: PretrainedConfig) -> None:
+def check_model_config(model_cfg: DictConfig, config: PretrainedConfig) -> torch.nn.Module:
     """Refuse a config transformers accepts but cannot build a model from (zero layers, sizes that do
-    not divide), by building it on the meta device: no memory, a fraction of a second."""
+    not divide), by building it on the meta device: no memory, a fraction of a second. Returns that
+    weightless model."""
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         value = getattr(config, key, None)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -102,7 +103,7 @@ def check_model_config(model_cfg: DictConfig, config: PretrainedConfig) -> None:
             )
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception as err:  # noqa: BLE001 - whatever the model class refuses
         raise _bad_hf_config(model_cfg, err) from None
 

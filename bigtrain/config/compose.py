@@ -10,6 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bigtrain.config.derived import default_tokenizer
 from bigtrain.config.schema import register_schema
 from bigtrain.errors import ConfigError
 
@@ -43,6 +44,8 @@ def compose(overrides: list[str]) -> DictConfig:
             f"Could not compose the config from overrides {list(overrides)}: {err}. A config group takes an "
             "option name (model=tiny_gpt2), a key takes a value (train.max_steps=50)."
         ) from None
+    if cfg.get("data") is not None and cfg.data.get("tokenizer", "") is None:
+        cfg.data.tokenizer = default_tokenizer(cfg, _asset("tokenizer"))
     if cfg.get("run_dir") is None:
         cfg.run_dir = default_run_dir(overrides)
     elif not str(cfg.run_dir).strip():

@@ -37,6 +37,10 @@ def to_deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     }
     if cfg.parallel.tensor > 1:
         ds["tensor_parallel"] = tensor_parallel_section(cfg.parallel.tensor)
+    if cfg.parallel.sequence > 1:
+        # Ulysses: the engine counts data ranks from the sequence groups it is given, differently at ZeRO-3
+        # (measured: it checks against every rank there); it derives the global batch itself.
+        del ds["train_batch_size"]
     ds.update(_comm(cfg))
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {

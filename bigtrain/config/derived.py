@@ -46,3 +46,24 @@ def _warn_if_gpus_unusable() -> None:
 
 
 _warned = False
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def default_tokenizer(cfg: DictConfig, bundled: str) -> str:
+    """The tokenizer of a run whose data group names none: the one data=prepared folders were made with,
+    else model.pretrained's own (a fine-tuned model keeps its ids), else the bundled one."""
+    import json
+    from pathlib import Path
+
+    if cfg.data.sources:
+        first = cfg.data.sources[0]
+        folder = first if isinstance(first, str) else first.get("path")
+        try:
+            return json.loads((Path(str(folder)) / "meta.json").read_text())["tokenizer"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return bundled  # validation reports the folder itself
+    if cfg.model.pretrained and any((Path(cfg.model.pretrained) / f).is_file() for f in TOKENIZER_FILES):
+        return str(Path(cfg.model.pretrained).absolute())
+    return bundled

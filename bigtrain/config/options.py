@@ -3,7 +3,7 @@ that act on them."""
 
 LOCAL_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 OPTIMIZERS = {"adamw", "adam"}
-SCHEDULERS = {"warmup_cosine", "constant"}
+SCHEDULERS = {"warmup_cosine", "wsd", "constant"}
 OFFLOAD_DEVICES = {"none", "cpu", "nvme"}
 PRECISIONS = {"fp32", "bf16", "fp16"}
 # comm options: DeepSpeed's exchange in 16 bits, ZeRO++, and the exchanges bigtrain runs itself.

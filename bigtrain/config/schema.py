@@ -7,6 +7,18 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """Rank of the low-rank adapters; 0 turns LoRA off (every weight trains)."""
+    alpha: float = 16.0
+    """Adapter scaling (the update is alpha / r times the low-rank product)."""
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """Layers that get adapters, by name (q_proj, v_proj, ...), or all-linear (every linear layer but the
+    output head)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_llama"
     """Label used in logs and run directory names."""
@@ -18,25 +30,67 @@ class ModelConfig:
     """Keyword arguments for the `transformers` config class of `family`."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (eager, sdpa, flash_attention_2)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Fine-tune with LoRA adapters (peft) instead of every weight."""
 
 
 @dataclass
 class DataConfig:
     name: str = "bundled"
-    """Label of the data source."""
+    """Label of the data source (also names its cache folder)."""
+    sources: List[Any] = field(default_factory=list)
+    """data=prepared: folders written by `bigtrain prepare`, each a path or {path: FOLDER, weight: W};
+    several are blended by weight. Empty: the source below, prepared into data.cache_dir."""
     builder: str = "json"
     """`datasets.load_dataset` path: a builder (json, text, parquet, csv) or a hub dataset name."""
     files: List[str] = field(default_factory=list)
     """Local data files for the builder; each must exist."""
-    text_field: str = "text"
-    """Column holding the raw text."""
     split: str = "train"
-    tokenizer: str = "${asset:tokenizer}"
-    """Local tokenizer folder (AutoTokenizer.from_pretrained)."""
+    format: str = "text"
+    """text (pretraining: every token trained on), prompt_completion or chat (SFT: only the completion /
+    the assistant turns are trained on); see bigtrain/components/data/formats.py."""
+    text_field: str = "text"
+    """format=text: the column holding the raw text."""
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    """format=chat: the column holding a list of {role, content} messages."""
+    chat_template: Optional[str] = None
+    """format=chat, for a tokenizer without a chat template of its own: a Jinja template (default: a
+    simple `<|role|>` template, see formats.py)."""
+    train_on_prompt: bool = False
+    """SFT formats: train on every token, prompts and user turns included."""
+    too_long: str = "truncate"
+    """Whole-document samples (SFT formats, or packing=false) longer than train.seq_len: truncate or drop."""
+    packing: bool = True
+    """Pack documents into full train.seq_len samples; false: one document per sample, padded."""
+    cross_document_attention: Optional[bool] = None
+    """Whether packed documents attend to each other. Unset: yes for format=text (as GPT-style
+    pretraining does), no for SFT formats (positions restart at every document)."""
+    tokenizer: Optional[str] = None
+    """Local tokenizer folder. Unset: the one data=prepared shards were made with, else model.pretrained's,
+    else the bundled one."""
     cache_dir: Optional[str] = None
-    """Where `datasets` caches downloads and tokenized data (default: its own cache)."""
+    """Where data=bundled/hf is prepared (default: ~/.cache/bigtrain/prepared)."""
+    validation_fraction: float = 0.02
+    """data=bundled/hf: share of documents held out for evaluation, chosen by document."""
+    validation_seed: int = 1234
+    """Seeds the choice of held-out documents (separate from `seed`, so the split stays when it changes)."""
+    prepare_workers: int = 0
+    """Tokenizer processes when preparing data=bundled/hf; 0: one per core."""
     max_samples: Optional[int] = None
-    """Train on at most this many sequences of the data (the first ones); unset: all of them."""
+    """Train on at most this many samples of each source (the first ones); unset: all of them."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100
+    """Evaluate on held-out data every this many steps (and at the end of training); 0 turns it off."""
+    batches: int = 10
+    """Global batches (micro_batch_size x data-parallel ranks samples each) per evaluation."""
+    sources: List[Any] = field(default_factory=list)
+    """Prepared folders to evaluate on (same form as data.sources; their validation split if they have
+    one); empty: the training data's validation split."""
 
 
 @dataclass
@@ -85,9 +139,9 @@ class ParallelConfig:
     """How layers are assigned to pipeline stages: parameters (balance parameter counts), uniform
     (balance layer counts) or type:REGEX (balance layers whose class name matches, e.g.
     type:DecoderLayer)."""
-    activation_checkpoint_interval: int = 0
-    """Pipeline only: recompute activations in the backward pass in groups of this many layers,
-    trading compute for memory; 0 keeps all activations."""
+    sequence: int = 1
+    """Sequence-parallel degree (Ulysses, through DeepSpeed): every sequence is split over this many ranks,
+    which exchange heads for sequence around attention. Llama-family models."""
 
 
 @dataclass
@@ -144,9 +198,14 @@ class OptimizerConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "warmup_cosine"
-    """warmup_cosine (linear warm-up, cosine decay to min_lr_ratio * lr) or constant."""
+    """warmup_cosine (linear warm-up, cosine decay to min_lr_ratio * lr), wsd (warm-up, stable, decay over
+    the last decay_fraction of the steps) or constant."""
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    """wsd: share of train.max_steps, at the end, over which the learning rate decays."""
+    decay_shape: str = "linear"
+    """wsd: linear or cosine decay."""
 
 
 @dataclass
@@ -164,6 +223,16 @@ class TrainConfig:
     micro_batch_size * grad_accum * data-parallel ranks; leave unset to derive it."""
     device: str = "auto"
     """auto (GPU when one is visible, else CPU), cpu or cuda."""
+    activation_checkpointing: str = "none"
+    """none, or full: keep only each decoder layer's input and recompute its activations in the backward
+    pass (non-reentrant), trading about a third more compute for most of the activation memory."""
+    activation_offload: bool = False
+    """With activation_checkpointing=full: hold the kept layer inputs in pinned host memory instead of on
+    the GPU (pays on GPUs at long sequences; a copy each way per layer). Not with pipeline parallelism."""
+    tiled_mlp: int = 0
+    """Compute every MLP block in this many pieces of the sequence (DeepSpeed's TiledMLP); 0: whole."""
+    tiled_loss: int = 0
+    """Compute the output logits and the loss in this many pieces of the sequence; 0: whole."""
 
 
 @dataclass
@@ -247,6 +316,7 @@ class FaultConfig:
 class BigtrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

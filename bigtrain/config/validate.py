@@ -13,7 +13,6 @@ from bigtrain.config.machine import check_machine
 from bigtrain.config.options import (
     BIGTRAIN_EXCHANGES,
     COMM_OPTIONS,
-    LOCAL_BUILDERS,
     OFFLOAD_DEVICES,
     OPTIMIZERS,
     OUTER_OPTIMIZERS,
@@ -47,7 +46,7 @@ def validate(cfg: DictConfig, world_size: int, this_machine: bool = True) -> Non
     _check_optimizer(cfg)
     _check_deepspeed_extra(cfg)
     _check_logging(cfg)
-    _check_data_files(cfg)
+    _check_data(cfg)
     _check_model_and_tokenizer(cfg)
     if this_machine:
         check_machine(cfg, world_size)
@@ -70,6 +69,7 @@ def _check_positive(cfg: DictConfig) -> None:
         "train.seq_len": cfg.train.seq_len,
         "parallel.pipeline": cfg.parallel.pipeline,
         "parallel.tensor": cfg.parallel.tensor,
+        "parallel.sequence": cfg.parallel.sequence,
         "logging.interval": cfg.logging.interval,
         "checkpoint.keep": cfg.checkpoint.keep,
         "optimizer.lr": cfg.optimizer.lr,
@@ -95,12 +95,19 @@ def _check_positive(cfg: DictConfig) -> None:
 
 
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
-    pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
-    if world_size % (pp * tp):
+    pp, tp, sp = cfg.parallel.pipeline, cfg.parallel.tensor, cfg.parallel.sequence
+    if world_size % (pp * tp * sp):
         raise ConfigError(
-            f"{world_size} processes cannot be split into pipeline={pp} x tensor={tp} groups "
-            f"(world = data x pipeline x tensor). Launch a multiple of {pp * tp} processes or change "
-            "parallel.pipeline/parallel.tensor."
+            f"{world_size} processes cannot be split into pipeline={pp} x tensor={tp} x sequence={sp} groups "
+            f"(world = data x pipeline x tensor x sequence). Launch a multiple of {pp * tp * sp} processes or "
+            "change parallel.pipeline/tensor/sequence."
+        )
+    if sp > 1 and (pp > 1 or tp > 1):
+        other = "pipeline" if pp > 1 else "tensor"
+        raise ConfigError(
+            f"parallel.sequence={sp} with parallel.{other}={pp if pp > 1 else tp}: DeepSpeed's Ulysses runs on a "
+            f"data x sequence grid of whole models; it does not nest inside {other} parallelism. Combine sequence "
+            f"parallelism with data parallelism and ZeRO (zero=stage3 spreads the weights): parallel.{other}=1."
         )
     if pp > 1 and tp > 1:
         raise ConfigError(
@@ -133,17 +140,31 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
             f"parallel.pipeline_partition={method!r} is not a partition method. Use parameters, uniform, "
             "or type:REGEX to balance the layers whose class name matches REGEX (e.g. type:DecoderLayer)."
         )
-    if cfg.parallel.activation_checkpoint_interval < 0:
+    _check_memory_levers(cfg)
+
+
+def _check_memory_levers(cfg: DictConfig) -> None:
+    """Activation checkpointing, its offload, and tiling."""
+    train, pp = cfg.train, cfg.parallel.pipeline
+    if train.activation_checkpointing not in ("none", "full"):
         raise ConfigError(
-            f"parallel.activation_checkpoint_interval must be 0 or more, got "
-            f"{cfg.parallel.activation_checkpoint_interval}. Use 0 to keep all activations."
+            f"train.activation_checkpointing={train.activation_checkpointing!r}: use none, or full (recompute each "
+            "decoder layer's activations in the backward pass)."
         )
-    if cfg.parallel.activation_checkpoint_interval > 0 and pp == 1:
+    if train.activation_offload and (train.activation_checkpointing != "full" or pp > 1):
         raise ConfigError(
-            f"parallel.activation_checkpoint_interval={cfg.parallel.activation_checkpoint_interval} "
-            "applies to pipeline stages, but parallel.pipeline=1. Set parallel.pipeline>1, or leave the "
-            "interval at 0."
+            "train.activation_offload=true moves the layer inputs that activation checkpointing keeps to host "
+            "memory: it needs train.activation_checkpointing=full, and is not available with parallel.pipeline>1."
         )
+    for key in ("tiled_mlp", "tiled_loss"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key} must be 0 (off) or a number of pieces, got {train[key]}.")
+        if train[key] > 1 and pp > 1:
+            raise ConfigError(f"train.{key}={train[key]} with parallel.pipeline={pp}: tiling is for the whole-model "
+                              "layouts (data, sequence, tensor). Use train.{key}=0 with pipeline parallelism.")
+        if train[key] > 1 and cfg.train.seq_len // cfg.parallel.sequence < train[key]:
+            raise ConfigError(f"train.{key}={train[key]} pieces for a sequence of {cfg.train.seq_len // cfg.parallel.sequence} "
+                              "tokens per rank: use at most that many pieces.")
 
 
 def _check_global_batch(cfg: DictConfig, world_size: int) -> None:
@@ -321,6 +342,12 @@ def _check_optimizer(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scheduler.name={cfg.scheduler.name!r} is not supported. Use one of {sorted(SCHEDULERS)}."
         )
+    if not 0.0 < cfg.scheduler.decay_fraction <= 1.0 or cfg.scheduler.decay_shape not in ("linear", "cosine"):
+        raise ConfigError(
+            f"scheduler.decay_fraction={cfg.scheduler.decay_fraction} and scheduler.decay_shape="
+            f"{cfg.scheduler.decay_shape!r}: the fraction is in (0, 1] (the last share of train.max_steps over "
+            "which wsd decays), the shape linear or cosine."
+        )
 
 
 def _check_deepspeed_extra(cfg: DictConfig) -> None:
@@ -368,19 +395,31 @@ def _check_logging(cfg: DictConfig) -> None:
         raise ConfigError(f"sweep.ranks must be positive, got {cfg.sweep.ranks}. Use 1 to train trials in-process.")
 
 
-def _check_data_files(cfg: DictConfig) -> None:
+def _check_data(cfg: DictConfig) -> None:
+    """Data settings, before the source itself is looked at (_check_model_and_tokenizer)."""
+    from bigtrain.components.data.formats import FORMATS
+
     data = cfg.data
-    if data.builder in LOCAL_BUILDERS and not data.files:
+    if data.format not in FORMATS:
+        raise ConfigError(f"data.format={data.format!r} is not a data format. Use one of {', '.join(FORMATS)}.")
+    if data.too_long not in ("truncate", "drop"):
+        raise ConfigError(f"data.too_long={data.too_long!r}: use truncate or drop.")
+    if not 0.0 <= data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={data.validation_fraction} must be in [0, 1): the share of "
+                          "documents held out for evaluation.")
+    for key in ("data.prepare_workers", "eval.interval"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {OmegaConf.select(cfg, key)}.")
+    if cfg.eval.batches < 1:
+        raise ConfigError(f"eval.batches must be 1 or more, got {cfg.eval.batches} (eval.interval=0 turns evaluation off).")
+    crossing = data.cross_document_attention if data.cross_document_attention is not None else data.format == "text"
+    if not crossing and data.packing and cfg.parallel.pipeline > 1:
         raise ConfigError(
-            f"data.builder={data.builder} reads local files, but data.files is empty. "
-            "Pass data.files=[/path/a.txt,/path/b.txt]."
+            f"Packed documents that do not attend to each other (data.format={data.format}, "
+            f"data.cross_document_attention={str(crossing).lower()}) with parallel.pipeline={cfg.parallel.pipeline}: "
+            "pipeline stages rebuild positions and masks on their own, so they cannot restart them at documents. "
+            "Use data.packing=false (one document per sample), or data.cross_document_attention=true."
         )
-    for path in data.files:
-        if not Path(path).exists():
-            raise ConfigError(
-                f"Data file {path!r} (data.files) does not exist. Fix the path, or use data=bundled "
-                "for the corpus shipped with bigtrain."
-            )
     if not Path(data.tokenizer).is_dir():
         raise ConfigError(
             f"Tokenizer folder {data.tokenizer!r} (data.tokenizer) does not exist. Point "
@@ -389,11 +428,13 @@ def _check_data_files(cfg: DictConfig) -> None:
 
 
 def _check_model_and_tokenizer(cfg: DictConfig) -> None:
+    from bigtrain.components.data.sources import check_sources
     from bigtrain.components.data.tokenizer import load_tokenizer
+    from bigtrain.components.lora import check_lora
     from bigtrain.components.models import build_model_config, check_model_config, max_positions
 
     model_config = build_model_config(cfg.model)
-    check_model_config(cfg.model, model_config)
+    check_lora(cfg, check_model_config(cfg.model, model_config))
     limit = max_positions(model_config)
     if limit is not None and cfg.train.seq_len > limit:
         raise ConfigError(
@@ -407,15 +448,20 @@ def _check_model_and_tokenizer(cfg: DictConfig) -> None:
             f"The tokenizer at {cfg.data.tokenizer} has {tokenizer_size} tokens but model "
             f"{cfg.model.name} has only vocab_size={model_config.vocab_size} embeddings; token ids "
             f"would fall outside the table. Set ++model.hf_config.vocab_size={tokenizer_size} (or "
-            "larger), or use a tokenizer that matches the model."
+            "larger), or use a tokenizer that matches the model (data.tokenizer)."
         )
+    check_sources(cfg, model_config.vocab_size)
 
 
 
 def _check_model_parallel(cfg: DictConfig, model_config) -> None:
-    """Pipeline and tensor degrees against the model's shape."""
+    """Pipeline, tensor and sequence degrees against the model's shape."""
     pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
     family, name = model_config.model_type, cfg.model.name
+    if cfg.parallel.sequence > 1:
+        from bigtrain.distributed.sequence import check_sequence_parallel
+
+        check_sequence_parallel(cfg, model_config)
     if pp > 1:
         from bigtrain.distributed.pipeline import check_pipeline_support, layer_type_names
 

@@ -11,7 +11,6 @@ process would have), keeps its stage's layers, and frees the rest.
 """
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ def causal_mask_for(config, hidden: torch.Tensor, position_ids: torch.Tensor):
     """The mask the HF model itself would build for a full, unpadded sequence (None where the
     attention kernel applies causality on its own, as SDPA does)."""
     return create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids
+        config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
     )
 
 
@@ -177,9 +176,28 @@ def pipe_layers(model: PreTrainedModel) -> list[PipeLayer]:
     return layers
 
 
+class TokenAveragedLoss:
+    """The pipeline's loss function: the HF model's own causal-LM loss of a micro-batch, summed over its
+    tokens and divided by the whole step's token count, times `scale` (runtime/steps.py says why).
+    The trainer sets both before each step (the last stage alone computes it)."""
+
+    def __init__(self, loss_function, vocab_size: int):
+        self.loss_function = loss_function
+        self.vocab_size = vocab_size
+        self.num_items, self.scale = 1, 1.0
+
+    def set_step(self, num_items: int, scale: float) -> None:
+        self.num_items, self.scale = num_items, scale
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size,
+                                  num_items_in_batch=self.num_items)
+        return loss * self.scale
+
+
 def build_pipeline_module(model: PreTrainedModel, cfg: DictConfig):
     """The DeepSpeed PipelineModule for `model` with cfg.parallel's degree, partitioning and
-    activation checkpointing; the loss is the HF model's own causal-LM loss."""
+    activation checkpointing; its loss function is a TokenAveragedLoss."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
@@ -188,19 +206,15 @@ def build_pipeline_module(model: PreTrainedModel, cfg: DictConfig):
     pipe = PipelineModule(
         layers=specs,
         num_stages=cfg.parallel.pipeline,
-        loss_fn=partial(_causal_lm_loss, model.loss_function, model.config.vocab_size),
+        loss_fn=TokenAveragedLoss(model.loss_function, model.config.vocab_size),
         partition_method=cfg.parallel.pipeline_partition,
-        activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+        activation_checkpoint_interval=1 if cfg.train.activation_checkpointing == "full" else 0,
         # DeepSpeed's default (reentrant) checkpoint fails on the embedding stage, whose input
         # (token ids) needs no gradient.
         activation_checkpoint_func=non_reentrant_checkpoint,
     )
     _release_other_stages(pipe, layers)
     return pipe
-
-
-def _causal_lm_loss(loss_function, vocab_size: int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
 
 
 def _release_other_stages(pipe, layers: list[PipeLayer]) -> None:

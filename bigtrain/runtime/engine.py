@@ -8,7 +8,8 @@ from bigtrain.components.lr_schedule import build_scheduler
 from bigtrain.components.optimizer import parameter_groups
 
 
-def build_engine(model, ds_config: dict, cfg: DictConfig):
+def build_engine(model, ds_config: dict, cfg: DictConfig, mpu=None):
+    """`mpu`: the model-parallel unit DeepSpeed builds its groups from (Ulysses' sequence groups)."""
     if cfg.parallel.pipeline > 1:
         from bigtrain.distributed.pipeline import build_pipeline_module
 
@@ -18,5 +19,6 @@ def build_engine(model, ds_config: dict, cfg: DictConfig):
         model_parameters=parameter_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.no_decay),
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg),
+        mpu=mpu,
     )
     return engine

@@ -63,6 +63,7 @@ class Run:
         self.ranks = self.grid = self.run_dir = None
         self.watchdog = self.checkpointer = self.engine = self.metrics = None
         self.locks = []
+        self.sequence = None  # the run's Ulysses sequence groups (parallel.sequence > 1)
         self.owns_process_group = False
         self.peer_lost = False
 
@@ -84,9 +85,11 @@ class Run:
         start_step, samples_seen = self._load(resume)
         loader.plan.start_step, loader.plan.start_sample = start_step, samples_seen
         self.metrics = self._open_metrics(start_step) if self.ranks.is_main else None
+        pipeline_loss = getattr(self.engine.module, "loss_fn", None) if cfg.parallel.pipeline > 1 else None
         trainer = Trainer(
-            cfg, self.engine, loader, self.checkpointer, self.metrics, flops_per_token=flops, device=self.device,
-            watchdog=self.watchdog, exchange=self._gradient_exchange(),
+            cfg, self.engine, loader, self.checkpointer, self.metrics, grid=self.grid, flops_per_token=flops,
+            device=self.device, watchdog=self.watchdog, exchange=self._gradient_exchange(),
+            evaluator=self._build_evaluator(pipeline_loss), pipeline_loss=pipeline_loss, sequence=self.sequence,
         )
         self._enter_phase("training", start_step)
         if start_step >= cfg.train.max_steps:
@@ -156,6 +159,7 @@ class Run:
 
     def _build_model(self, ds_config: dict):
         """(training FLOPs per token, the model)."""
+        from bigtrain.components import lora
         from bigtrain.components.models import build_model, model_shape, special_token_ids
         from bigtrain.monitor.metrics import flops_per_token
 
@@ -163,26 +167,59 @@ class Run:
         shape = model_shape(cfg.model)
         flops = flops_per_token(shape.matmul_parameters, shape.num_layers, shape.hidden_size, cfg.train.seq_len)
         log.info("model %s: %.1fM parameters", cfg.model.name, shape.parameters / 1e6)
-        return flops, build_model(cfg.model, cfg.seed, ds_config, special_token_ids(cfg.data.tokenizer))
+        model = build_model(cfg.model, cfg.seed, ds_config, special_token_ids(cfg.data.tokenizer))
+        return flops, self._apply_memory_levers(lora.wrap(model, cfg.model))
+
+    def _apply_memory_levers(self, model):
+        """Activation checkpointing and tiling on the whole-model layouts (a pipeline checkpoints its stages
+        itself), then Ulysses' attention for a sequence-parallel run."""
+        from bigtrain.distributed.tiling import tile_mlps
+
+        train = self.cfg.train
+        if train.activation_checkpointing == "full" and self.cfg.parallel.pipeline == 1:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                 offload=train.activation_offload)
+        if train.tiled_mlp > 1:
+            tile_mlps(model, train.tiled_mlp)
+        if self.cfg.parallel.sequence > 1:
+            from bigtrain.distributed.sequence import SequenceParallel
+
+            self.sequence = SequenceParallel(self.cfg, model)
+        return model
 
     def _build_loader(self):
         from bigtrain.components.data.loader import BatchLoader, BatchPlan
-        from bigtrain.components.data.packed import build_packed_dataset, rank_zero_first
+        from bigtrain.components.data.sources import ensure_prepared, open_samples, training_sources
 
         cfg = self.cfg
-        with rank_zero_first():
-            dataset = build_packed_dataset(cfg.data, cfg.train.seq_len)
-        samples = len(dataset) if cfg.data.max_samples is None else min(len(dataset), cfg.data.max_samples)
-        plan = BatchPlan(
-            num_blocks=samples, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
-            dp_size=self.grid.data, dp_rank=self.grid.data_rank(self.ranks.rank), seed=cfg.seed,
-        )
-        return BatchLoader(dataset, plan)
+        ensure_prepared(cfg, progress=self.ranks.is_main)
+        sources = training_sources(cfg)
+        plan = BatchPlan(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                         dp_size=self.grid.data, dp_rank=self.grid.data_rank(self.ranks.rank))
+        return BatchLoader(open_samples(cfg, sources, "train"), [s.weight for s in sources], plan, cfg.seed,
+                           names=[s.name for s in sources])
+
+    def _build_evaluator(self, pipeline_loss):
+        from bigtrain.components.data.loader import BatchLoader, BatchPlan
+        from bigtrain.components.data.sources import evaluation_sources, open_samples
+        from bigtrain.runtime.evaluator import Evaluator
+
+        cfg = self.cfg
+        if cfg.eval.interval == 0:
+            return None
+        sources = evaluation_sources(cfg)
+        plan = BatchPlan(micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, dp_size=self.grid.data,
+                         dp_rank=self.grid.data_rank(self.ranks.rank))
+        loader = BatchLoader(open_samples(cfg, sources, "validation"), [s.weight for s in sources], plan, cfg.seed,
+                             names=[s.name for s in sources], allow_repeats=True)
+        return Evaluator(self.engine, loader, cfg.eval.batches, replicas=self.grid.tensor, watchdog=self.watchdog,
+                         pipeline_loss=pipeline_loss, sequence=self.sequence)
 
     def _build_engine(self, model, ds_config: dict):
         from bigtrain.runtime.engine import build_engine
 
-        engine = build_engine(model, ds_config, self.cfg)
+        engine = build_engine(model, ds_config, self.cfg, mpu=self.sequence.mpu if self.sequence else None)
         self.checkpointer.attach(engine)
         return engine
 
@@ -260,6 +297,7 @@ class Run:
         steps = [
             ("metrics", self.metrics and self.metrics.close),
             ("watchdog", self.watchdog and self.watchdog.stop),
+            ("sequence parallelism", self.sequence and self.sequence.close),
         ]
         if not self.peer_lost:
             steps.append(("engine", self.engine and self.engine.destroy))

@@ -18,6 +18,7 @@ from bigtrain.components.checkpoint.safe_load import check_folder, safe_load, we
 from bigtrain.components.checkpoint.store import find_problem, newest_valid, read_latest, read_manifest
 from bigtrain.components.checkpoint.universal import convert_to_universal
 from bigtrain.components.data.tokenizer import load_tokenizer
+from bigtrain.components.files import replace_folder, staging_dir
 from bigtrain.components.models import build_model_config, has_tied_output, special_token_ids
 from bigtrain.errors import CheckpointError, ConfigError
 
@@ -47,38 +48,62 @@ def run_checkpoint_dir(run_dir: str, cfg: DictConfig) -> Path:
     return path if path.is_absolute() else Path(run_dir) / path
 
 
-def export(run_dir: str, out_dir: str, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+def export(run_dir: str, out_dir: str, checkpoint: str | None = None, overwrite: bool = False,
+           adapter: bool = False) -> Path:
     """Write the weights of `checkpoint` (default: the run's newest valid one) to `out_dir`.
 
     Whatever the ZeRO stage, the fp32 master weights are gathered from the shards on disk; no
-    process group or GPU is needed.
+    process group or GPU is needed. A LoRA run exports the base model with its adapters merged in, or
+    with `adapter` the peft adapter alone.
     """
+    from bigtrain.components import lora
+
     cfg = load_run_config(run_dir)
     out = _check_out(Path(out_dir), overwrite)
+    if adapter and not lora.enabled(cfg.model):
+        raise ConfigError(f"--adapter exports LoRA adapters, and the run in {run_dir} trained every weight "
+                          "(model.lora.r=0). Export without --adapter.")
     tag_dir = _pick_checkpoint(run_checkpoint_dir(run_dir, cfg), checkpoint)
     check_folder(tag_dir)  # a file that would run code refuses the whole checkpoint, read or not
-    config = build_model_config(cfg.model, special_token_ids(cfg.data.tokenizer))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state_dict = fp32_state_dict(tag_dir, model, cfg.optimizer.get("no_decay", []))
+    model = _trained_model(cfg, tag_dir)
+    if lora.enabled(cfg.model) and not adapter:
+        model = model.merge_and_unload()
+    staging = staging_dir(out)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        load_tokenizer(cfg.data.tokenizer).save_pretrained(staging)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s (step %d) to %s", tag_dir, read_manifest(tag_dir)["step"], out)
+    return out
 
+
+def _trained_model(cfg: DictConfig, tag_dir: Path):
+    """The model with the checkpoint's weights: the whole model, or a LoRA run's frozen base (rebuilt as the
+    run built it) wrapped with its trained adapters."""
+    from bigtrain.components import lora
+
+    if lora.enabled(cfg.model):
+        from bigtrain.components.models import build_model
+
+        model = lora.wrap(build_model(cfg.model, cfg.seed, special_tokens=special_token_ids(cfg.data.tokenizer)),
+                          cfg.model)
+    else:
+        config = build_model_config(cfg.model, special_token_ids(cfg.data.tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state_dict = fp32_state_dict(tag_dir, model, cfg.optimizer.get("no_decay", []))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if lora.enabled(cfg.model):  # the checkpoint holds the adapters only; the base is already in place
+        missing = [name for name in missing if "lora_" in name]
     tied = {name for name in missing if has_tied_output(model) and name.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise ConfigError(
             f"The checkpoint {tag_dir} does not fit model {cfg.model.name}: missing "
             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        load_tokenizer(cfg.data.tokenizer).save_pretrained(staging)
-        _replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("exported %s (step %d) to %s", tag_dir, read_manifest(tag_dir)["step"], out)
-    return out
+    return model
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
@@ -90,19 +115,6 @@ def _check_out(out: Path, overwrite: bool) -> Path:
             "index). Pass an empty or new folder, or --overwrite to replace that folder with the export."
         )
     return out
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished export into place: a reader never sees a half-written folder, and what `out`
-    held (only when --overwrite allowed it) goes only once the export is complete."""
-    if out.exists():
-        previous = out.with_name(f".{out.name}.replaced")
-        shutil.rmtree(previous, ignore_errors=True)
-        out.rename(previous)
-        staging.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _pick_checkpoint(ckpt_dir: Path, checkpoint: str | None) -> Path:

@@ -25,7 +25,6 @@ from bigtrain.components.checkpoint.store import (
     LATEST,
     MANIFEST,
     UNIVERSAL_DIR,
-    atomic_write,
     checkpoint_dir,
     find_problem,
     free_bytes,
@@ -37,6 +36,7 @@ from bigtrain.components.checkpoint.store import (
     tag_for,
 )
 from bigtrain.components.checkpoint.universal import convert_to_universal, universal_info
+from bigtrain.components.files import atomic_write
 from bigtrain.distributed.process_group import decided_by_rank0, long_wait_group
 from bigtrain.distributed.topology import ProcessGrid
 from bigtrain.errors import CheckpointError, ConfigError
@@ -55,7 +55,12 @@ class ResumePoint:
     zero_stage: int
     pipeline: int = 1
     tensor: int = 1
+    sequence: int = 1
     universal_path: str | None = None  # set when loaded through a universal conversion
+
+    @property
+    def grid(self) -> ProcessGrid:
+        return ProcessGrid(self.dp_size, self.pipeline, self.tensor, self.sequence)
 
 
 class Checkpointer:
@@ -68,6 +73,7 @@ class Checkpointer:
         self.resume_from = ckpt.resume
         self.verify_checksums = ckpt.verify_checksums
         self.zero_stage = cfg.zero.stage
+        self.lora = cfg.model.lora.r > 0
         self.seed = cfg.seed
         self.rank = rank
         self.grid = grid
@@ -119,6 +125,7 @@ class Checkpointer:
             "zero_stage": self.zero_stage,
             "pipeline": self.grid.pipeline,
             "tensor": self.grid.tensor,
+            "sequence": self.grid.sequence,
         }
         error = None
         if self.is_main and tag_dir.exists():  # left by a run that went further from an older point
@@ -173,8 +180,9 @@ class Checkpointer:
         )
 
     def _write_shards(self, tag: str, tag_dir: Path, client_state: dict) -> None:
+        # LoRA: the frozen base is rebuilt at resume (the manifest's fingerprint names it), not saved.
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, **universal_info(self.engine)},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.lora)
         torch.save(capture_rng_state(), tag_dir / rng_file(self.rank))
 
     def _seal(self, tag_dir: Path, client_state: dict) -> None:
@@ -255,9 +263,11 @@ class Checkpointer:
             zero_stage=manifest["zero_stage"],
             pipeline=manifest.get("pipeline", 1),
             tensor=manifest.get("tensor", 1),
+            sequence=manifest.get("sequence", 1),
         )
         self._check_layout(tag_dir, point)
-        if point.dp_size != self.dp_size and point.zero_stage > 0:
+        # ZeRO shards the optimizer over data x sequence ranks: another count needs the universal format.
+        if point.grid.zero_partitions != self.grid.zero_partitions and point.zero_stage > 0:
             point.universal_path = str(self._convert_to_universal(tag_dir, point))
         return point
 
@@ -265,7 +275,7 @@ class Checkpointer:
         """Model-parallel checkpoints hold per-stage or per-shard files that only the same
         pipeline x tensor layout can load."""
         model_parallel = (point.pipeline, point.tensor) != (1, 1) or self.grid.pipeline * self.grid.tensor > 1
-        saved = ProcessGrid(point.dp_size, point.pipeline, point.tensor)
+        saved = point.grid
         if model_parallel and saved != self.grid:
             raise ConfigError(
                 f"Checkpoint {tag_dir} was saved with {saved.describe()}, this run has "
@@ -281,9 +291,8 @@ class Checkpointer:
         out = self.dir / UNIVERSAL_DIR / tag_dir.name
         done = out / ".complete"
         log.warning(
-            "checkpoint %s was saved with %d data-parallel ranks, this run has %d: converting it "
-            "to DeepSpeed's universal format in %s",
-            tag_dir.name, point.dp_size, self.dp_size, out,
+            "checkpoint %s was saved with %s, this run has %s: converting it to DeepSpeed's universal format in %s",
+            tag_dir.name, point.grid.describe(), self.grid.describe(), out,
         )
         if done.is_file():
             log.info("reusing the universal conversion already in %s", out)
@@ -291,7 +300,7 @@ class Checkpointer:
         try:
             convert_to_universal(tag_dir, out)
         except CheckpointError as err:
-            raise CheckpointError(f"{err}\nResume with the original {point.dp_size} data-parallel ranks instead.") from None
+            raise CheckpointError(f"{err}\nResume with the original layout ({point.grid.describe()}) instead.") from None
         done.touch()
         return out
 
@@ -299,7 +308,8 @@ class Checkpointer:
         """Load `point` into the attached engine and this rank's RNG; return the client state."""
         path = Path(point.universal_path or point.path)
         with weights_only_loads(path):
-            loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+            loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                               load_module_strict=not self.lora)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}.")
         rng_path = Path(point.path) / rng_file(self.rank)

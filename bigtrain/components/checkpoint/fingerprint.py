@@ -14,16 +14,32 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bigtrain.components import lora
     from bigtrain.components.data.tokenizer import tokenizer_fingerprint
     from bigtrain.components.models import build_model_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_model_config(cfg.model))
+    model = lora.wrap(model, cfg.model)
     shapes = {name: list(param.shape) for name, param in model.named_parameters()}
-    return {
+    fingerprint = {
         "model": f"{cfg.model.name}:{_digest(shapes)}",
         "tokenizer": tokenizer_fingerprint(cfg.data.tokenizer),
     }
+    if lora.enabled(cfg.model):  # its checkpoints leave the frozen base out: resume must rebuild the same one
+        fingerprint["base"] = _base_identity(cfg)
+    return fingerprint
+
+
+def _base_identity(cfg: DictConfig) -> str:
+    """The frozen weights a LoRA run starts from: a pretrained folder's weight files, or the seed of a fresh
+    initialisation."""
+    from pathlib import Path
+
+    if not cfg.model.pretrained:
+        return f"initialised from seed {cfg.seed}"
+    files = sorted(Path(cfg.model.pretrained).glob("*.safetensors")) + sorted(Path(cfg.model.pretrained).glob("*.bin"))
+    return _digest([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
 def check_fingerprint(saved: dict | None, current: dict[str, str], where: str) -> None:

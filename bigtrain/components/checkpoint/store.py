@@ -8,7 +8,6 @@ SHA-256. A folder without a valid manifest never counts.
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -104,12 +103,3 @@ def free_bytes(path: Path) -> int | None:
         if folder.exists():
             return shutil.disk_usage(folder).free
     return None
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

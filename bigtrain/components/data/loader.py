@@ -1,43 +1,32 @@
 """Each rank's share of every global batch, in a seeded order that depends only on the number of
-samples already consumed."""
+samples already consumed, from one source or a weighted blend of several."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from datasets import Dataset
 
+from bigtrain.components.data.blend import Blend
+from bigtrain.components.data.prepared import IGNORE, Samples
 from bigtrain.errors import ConfigError
 
 
 @dataclass
 class BatchPlan:
-    """Which packed blocks each rank reads at each step.
+    """Which stream positions each rank reads at each step.
 
-    The data is one endless stream of blocks: epoch e is a permutation of all blocks seeded by
-    (seed, e). Global batch `step` is the next `global_batch` positions of that stream, and rank r's
-    micro-batch m a contiguous slice of it. The position depends only on the number of samples
-    already consumed, so a resumed run, on any number of ranks and with any batch shape, reads
-    exactly the blocks an uninterrupted one would have read next.
+    The data is one endless stream (blend.py). Global batch `step` is the next `global_batch` positions
+    of that stream, and rank r's micro-batch m a contiguous slice of it. The position depends only on
+    the number of samples already consumed, so a resumed run, on any number of ranks and with any
+    batch shape, reads exactly the samples an uninterrupted one would have read next.
     """
 
-    num_blocks: int
     micro_batch_size: int
     grad_accum: int
     dp_size: int
     dp_rank: int
-    seed: int
     start_step: int = 0
     """Step at which `start_sample` samples had been consumed (set on resume)."""
     start_sample: int = 0
-    _cached_epoch: int = field(default=-1, init=False, repr=False)
-    _cached_order: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        if self.global_batch > self.num_blocks:
-            raise ConfigError(
-                f"The dataset has {self.num_blocks} sequences, fewer than one global batch "
-                f"({self.global_batch}). Use more data or lower train.micro_batch_size/grad_accum."
-            )
 
     @property
     def global_batch(self) -> int:
@@ -47,25 +36,53 @@ class BatchPlan:
         """Samples consumed by all ranks before `step` starts."""
         return self.start_sample + (step - self.start_step) * self.global_batch
 
-    def indices(self, step: int, micro: int) -> list[int]:
-        start = self.samples_before(step) + (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
-        return [self._block_at(position) for position in range(start, start + self.micro_batch_size)]
-
-    def _block_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_blocks)
-        if self._cached_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached_order = torch.randperm(self.num_blocks, generator=generator)
-            self._cached_epoch = epoch
-        return int(self._cached_order[offset])
+    def positions(self, step: int, micro: int, dp_rank: int | None = None) -> list[int]:
+        rank = self.dp_rank if dp_rank is None else dp_rank
+        start = self.samples_before(step) + (micro * self.dp_size + rank) * self.micro_batch_size
+        return list(range(start, start + self.micro_batch_size))
 
 
 class BatchLoader:
-    """Micro-batches of token ids for one rank, addressed by (step, micro-batch)."""
+    """Micro-batches for one rank, addressed by (step, micro-batch): input_ids, labels and position_ids,
+    each [micro_batch_size, seq_len]."""
 
-    def __init__(self, dataset: Dataset, plan: BatchPlan):
-        self.dataset = dataset
-        self.plan = plan
+    def __init__(self, sources: list[Samples], weights: list[float], plan: BatchPlan, seed: int,
+                 names: list[str] | None = None, allow_repeats: bool = False):
+        if min(len(s) for s in sources) == 0:
+            raise ConfigError("A data source has no sample of train.seq_len tokens. Use more data or a smaller "
+                              "train.seq_len.")
+        self.sources, self.plan = sources, plan
+        self.names = names or [str(i) for i in range(len(sources))]
+        self.blend = Blend([len(s) for s in sources], weights, seed)
+        if len(sources) == 1 and plan.global_batch > len(sources[0]) and not allow_repeats:
+            raise ConfigError(
+                f"The dataset has {len(sources[0])} sequences, fewer than one global batch "
+                f"({plan.global_batch}). Use more data or lower train.micro_batch_size/grad_accum."
+            )
 
-    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
-        return self.dataset[self.plan.indices(step, micro)]["input_ids"]
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        return self.batch_at(self.plan.positions(step, micro))
+
+    def batch_at(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        samples = [self.sources[k].sample(i) for k, i in self.blend.locate(positions)]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def step_label_count(self, step: int) -> int:
+        """Trained-on tokens in the whole global batch of `step` (every rank's micro-batches): the
+        denominator of a loss averaged over tokens. Every rank computes the same number from the data
+        alone, so no collective is needed."""
+        plan = self.plan
+        first = plan.samples_before(step)
+        located = self.blend.locate(list(range(first, first + plan.global_batch)))
+        return sum(self.sources[k].label_count(i) for k, i in located)
+
+    def samples_by_source(self, step: int) -> dict[str, int]:
+        """Samples drawn from each source by all ranks before `step`."""
+        counts = self.blend.counts_before(self.plan.samples_before(step))
+        return dict(zip(self.names, (int(c) for c in counts)))
+
+
+def label_positions(labels: torch.Tensor) -> int:
+    """Tokens trained on in `labels`, as a causal LM's loss counts them (each position predicts the next)."""
+    return int((labels[..., 1:] != IGNORE).sum())
+
