@@ -178,6 +178,10 @@ def plan_command(args: argparse.Namespace) -> int:
     )
     if hardware.device == "cuda" and not hardware.device_memory_gb:
         raise ConfigError("--device cuda needs the memory of one GPU: pass --device-memory GB (e.g. 80).")
+    for flag, value in (("--device-memory", args.device_memory), ("--cpu-memory", args.cpu_memory), ("--nvme", args.nvme),
+                        ("--baseline-gb", args.baseline_gb)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value} is not an amount of memory: give a positive number of GB.")
     if hardware.nodes < 1 or hardware.ranks_per_node < 1:
         raise ConfigError(f"--nodes and --ranks-per-node must be at least 1, got {hardware.nodes} and "
                           f"{hardware.ranks_per_node}.")

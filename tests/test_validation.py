@@ -2,6 +2,7 @@
 no process group, no DeepSpeed import, no run directory."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,6 @@ BAD_CONFIGS = {
     "pipeline_unknown_partition": (["parallel.pipeline=2", "zero=stage1", "parallel.pipeline_partition=balanced"], 2, "'balanced' is not a partition method"),
     "pipeline_partition_matches_nothing": (["parallel.pipeline=2", "zero=stage1", "parallel.pipeline_partition=type:Conv"], 2, "matches 0 layer(s) of model tiny_llama"),
     "pipeline_unsupported_family": (["parallel.pipeline=2", "zero=stage1", "model.family=opt"], 2, "model.family='opt' is not one of them"),
-    "checkpointing_interval_without_pipeline": (["parallel.activation_checkpoint_interval=1"], 1, "applies to pipeline stages, but parallel.pipeline=1"),
     "tensor_not_dividing_heads": (["parallel.tensor=3"], 3, "parallel.tensor=3 must divide the model's num_attention_heads"),
     "tensor_not_dividing_mlp": (["parallel.tensor=4", "model.hf_config.intermediate_size=690"], 4, "must divide the model's intermediate_size"),
     "tensor_with_zero0": (["parallel.tensor=2", "zero=stage0"], 2, "ZeRO-0 writes none"),
@@ -66,6 +66,53 @@ BAD_CONFIGS = {
     "local_sgd_checkpoints_between_syncs": (["comm=local_sgd", "zero=stage0", "checkpoint.interval=10"], 2, "checkpoint.interval=10 is not a multiple of comm.sync_every=8"),
     "powersgd_rank_zero": (["comm=powersgd", "zero=stage0", "comm.low_rank=0"], 2, "comm.low_rank must be 1 or more, got 0"),
     "unknown_outer_optimizer": (["comm=local_sgd", "zero=stage0", "comm.outer_optimizer=adam"], 2, "comm.outer_optimizer='adam' is unknown"),
+    # values accepted silently, or that crashed, before
+    "a_new_key_nobody_reads": (["+train.max_step=5"], 1, "Unknown config key 'train.max_step'"),
+    "negative_min_lr_ratio": (["scheduler.min_lr_ratio=-3"], 1, "scheduler.min_lr_ratio=-3.0 must be in [0, 1]"),
+    "min_lr_ratio_above_one": (["scheduler.min_lr_ratio=2"], 1, "scheduler.min_lr_ratio=2.0 must be in [0, 1]"),
+    "lr_nan": (["optimizer.lr=nan"], 1, "optimizer.lr=nan is not a finite number"),
+    "lr_inf": (["optimizer.lr=inf"], 1, "optimizer.lr=inf is not a finite number"),
+    "negative_eps": (["optimizer.eps=-1"], 1, "optimizer.eps=-1.0 must be above 0"),
+    "negative_weight_decay": (["optimizer.weight_decay=-1"], 1, "optimizer.weight_decay=-1.0 must be 0 or more"),
+    "beta_above_one": (["optimizer.betas=[1.5,0.9]"], 1, "must be two values in [0, 1)"),
+    "device_tpu": (["train.device=tpu"], 1, "train.device='tpu' is not a device bigtrain trains on"),
+    "deepspeed_log_level": (["logging.deepspeed_level=loud"], 1, "logging.deepspeed_level='loud' is not a log level"),
+    "bogus_attention": (["model.attn_implementation=bogus"], 1, "is not an attention kernel transformers knows"),
+    "zero_layers": (["model.hf_config.num_hidden_layers=0"], 1, "num_hidden_layers=0; it must be a whole number of 1 or more"),
+    "hidden_size_not_a_number": (["model.hf_config.hidden_size=abc"], 1, "model.hf_config does not make a valid llama config"),
+    "owned_zero_stage": (["++deepspeed.zero_optimization.stage=3"], 1, "deepspeed.zero_optimization.stage is set, but bigtrain derives it"),
+    "owned_batch_size": (["++deepspeed.train_batch_size=999"], 1, "deepspeed.train_batch_size is set, but bigtrain derives it"),
+    "override_without_key": (["=5"], 1, "Config group override must be a string or a list. Got int"),
+    "group_set_to_null": (["model=null"], 1, "Config group override must be a string or a list. Got NoneType"),
+    "section_deleted": (["~train"], 1, "The config section 'train' is missing"),
+    # sequence parallelism, memory levers, LoRA, data
+    "sequence_not_dividing_heads": (["parallel.sequence=3"], 3, "parallel.sequence=3 must divide the attention heads"),
+    "sequence_not_dividing_seq_len": (["parallel.sequence=2", "train.seq_len=65"], 2, "train.seq_len=65 is not divisible by parallel.sequence=2"),
+    "sequence_not_dividing_world": (["parallel.sequence=2"], 3, "3 processes cannot be split into pipeline=1 x tensor=1 x sequence=2"),
+    "sequence_gpt2": (["parallel.sequence=2", "model=tiny_gpt2"], 2, "parallel.sequence=2 with model family 'gpt2'"),
+    "sequence_eager_attention": (["parallel.sequence=2", "model.attn_implementation=eager"], 2, "Ulysses drops the attention mask"),
+    "sequence_kv_heads": (["parallel.sequence=2", "model.hf_config.hidden_size=192", "model.hf_config.num_attention_heads=6",
+                           "model.hf_config.num_key_value_heads=3"], 2, "3 key/value heads: one must divide the other"),
+    "sequence_with_pipeline": (["parallel.sequence=2", "parallel.pipeline=2", "zero=stage1"], 4, "it does not nest inside pipeline parallelism"),
+    "sequence_with_tensor": (["parallel.sequence=2", "parallel.tensor=2"], 4, "it does not nest inside tensor parallelism"),
+    "unknown_activation_checkpointing": (["train.activation_checkpointing=some"], 1, "use none, or full"),
+    "activation_offload_without_checkpointing": (["train.activation_offload=true"], 1, "it needs train.activation_checkpointing=full"),
+    "tiling_with_pipeline": (["train.tiled_mlp=2", "parallel.pipeline=2", "zero=stage1"], 2, "tiling is for the whole-model layouts"),
+    "lora_with_pipeline": (["model.lora.r=8", "parallel.pipeline=2", "zero=stage1"], 2, "LoRA trains with data and sequence parallelism"),
+    "lora_unknown_target": (["model.lora.r=8", "model.lora.target_modules=[no_such_layer]"], 1, "does not fit model tiny_llama"),
+    "unknown_data_format": (["data.format=tables"], 1, "data.format='tables' is not a data format"),
+    "packed_sft_with_pipeline": (["data.format=chat", "parallel.pipeline=2", "zero=stage1"], 2, "pipeline stages rebuild positions and masks"),
+    "wsd_decay_fraction_zero": (["scheduler=wsd", "scheduler.decay_fraction=0"], 1, "scheduler.decay_fraction=0.0"),
+    "eval_batches_zero": (["eval.batches=0"], 1, "eval.batches must be 1 or more"),
+    "validation_fraction_one": (["data.validation_fraction=1"], 1, "data.validation_fraction=1.0 must be in [0, 1)"),
+    "blend_negative_weight": (["data=prepared", "data.sources=[{path: /tmp, weight: -1}]"], 1, "a weight is a positive number"),
+    "prepared_folder_without_meta": (["data=prepared", "data.sources=[/tmp]"], 1, "/tmp is not a prepared data folder"),
+    "bundled_data_without_chat_fields": (["data.format=chat"], 1, "has no field 'messages' (data.messages_field)"),
+}
+# Machine checks: refused here, where there is no GPU and no flash-attn (skipped where there are).
+MACHINE_CONFIGS = {
+    "cuda_without_a_gpu": (["train.device=cuda"], 1, "asks for a GPU, but torch sees none here"),
+    "flash_attention_without_the_package": (["model.attn_implementation=flash_attention_2"], 1, "needs the flash-attn package"),
 }
 
 PROBE = textwrap.dedent("""
@@ -86,24 +133,39 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def machine_cases() -> dict:
+    import importlib.util
+
+    import torch
+
+    cases = dict(MACHINE_CONFIGS)
+    if torch.cuda.is_available():
+        cases.pop("cuda_without_a_gpu")
+    if importlib.util.find_spec("flash_attn") is not None:
+        cases.pop("flash_attention_without_the_package")
+    return cases
+
+
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
     """Run every bad config through the real entry point in one fresh interpreter."""
     tmp = tmp_path_factory.mktemp("refused")
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(BAD_CONFIGS), str(tmp)],
+        [sys.executable, "-c", PROBE, json.dumps({**BAD_CONFIGS, **machine_cases()}), str(tmp)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS) + sorted(MACHINE_CONFIGS))
 def test_bad_config_is_refused_before_heavy_work(refused, name):
+    if name not in refused["cases"]:
+        pytest.skip("this machine has what the config asks for")
     result = refused["cases"][name]
     message = result["stderr"]
-    assert result["rc"] == 2
-    assert BAD_CONFIGS[name][2] in message
+    assert result["rc"] == 2, message
+    assert {**BAD_CONFIGS, **MACHINE_CONFIGS}[name][2] in message
     assert message.startswith("bigtrain: config error: ")
     assert "Traceback" not in message
     assert len(message.strip().splitlines()) == 1, "one paragraph, no stack dump"
@@ -150,6 +212,56 @@ def test_config_command_refuses_bad_config():
     assert proc.returncode == 2
     assert "only ZeRO stage 3 can do" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_an_empty_run_dir_is_refused():
+    with pytest.raises(ConfigError, match="run_dir is empty, which would make the current directory the run dir"):
+        compose(["run_dir="])
+
+
+def test_cli_refuses_a_world_of_no_processes_and_negative_gpu_memory():
+    config = subprocess.run([sys.executable, "-m", "bigtrain.cli", "config", "--world-size", "0"],
+                            capture_output=True, text=True, timeout=120)
+    plan = subprocess.run([sys.executable, "-m", "bigtrain.cli", "plan", "--device", "cuda", "--device-memory", "-80",
+                           "--baseline-gb", "1"], capture_output=True, text=True, timeout=120)
+    assert config.returncode == 2 and "number of processes must be 1 or more, got 0" in config.stderr
+    assert plan.returncode == 2 and "--device-memory -80.0" in plan.stderr, plan.stderr
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "broken_json", "unknown_model_type", "world_size_not_a_number"])
+def test_broken_folders_and_environment_are_one_paragraph(tmp_path, case):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    env = dict(os.environ)
+    if case == "empty_folder":
+        overrides, words = [f"data.tokenizer={folder}"], "is empty"
+    elif case == "broken_json":
+        (folder / "config.json").write_text('{"model_type": "llama", ')
+        overrides, words = [f"model.pretrained={folder}"], "is not a valid JSON file"
+    elif case == "unknown_model_type":
+        (folder / "config.json").write_text('{"model_type": "not_a_real_model"}')
+        overrides, words = [f"model.pretrained={folder}"], "cannot be loaded"
+    else:
+        overrides, words = [], "WORLD_SIZE='abc' is not a whole number"
+        env["WORLD_SIZE"] = "abc"
+    proc = subprocess.run([sys.executable, "-m", "bigtrain.train", *overrides, f"run_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_chat_file_whose_messages_lack_the_roles_is_refused_before_any_rank_starts(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]}) + "\n")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"conversation": []}) + "\n")
+    for path, words in ((chat, "message 0 has role 'human'; the roles are system, user, assistant"),
+                        (missing, "has no field 'messages' (data.messages_field)")):
+        proc = subprocess.run([sys.executable, "-m", "bigtrain.cli", "config", "data=hf", "data.builder=json",
+                               f"data.files=[{path}]", "data.format=chat"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
 
 
 def test_config_error_is_a_value_error():

@@ -161,7 +161,7 @@ def _check_memory_levers(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key} must be 0 (off) or a number of pieces, got {train[key]}.")
         if train[key] > 1 and pp > 1:
             raise ConfigError(f"train.{key}={train[key]} with parallel.pipeline={pp}: tiling is for the whole-model "
-                              "layouts (data, sequence, tensor). Use train.{key}=0 with pipeline parallelism.")
+                              f"layouts (data, sequence, tensor). Use train.{key}=0 with pipeline parallelism.")
         if train[key] > 1 and cfg.train.seq_len // cfg.parallel.sequence < train[key]:
             raise ConfigError(f"train.{key}={train[key]} pieces for a sequence of {cfg.train.seq_len // cfg.parallel.sequence} "
                               "tokens per rank: use at most that many pieces.")

@@ -125,7 +125,8 @@ class Run:
         cfg, ranks = self.cfg, self.ranks
         self.run_dir = Path(cfg.run_dir)
         ckpt_dir = checkpoint_dir(cfg)
-        folders = [self.run_dir] + ([] if ckpt_dir.is_relative_to(self.run_dir) else [ckpt_dir])
+        folders = [(self.run_dir, "run_dir")] + ([] if ckpt_dir.is_relative_to(self.run_dir) else
+                                                 [(ckpt_dir, "checkpoint.dir")])
         job = decided_by_rank0(lambda: self._lock(folders))
         setup_logging(self.run_dir, ranks.is_main, cfg.logging.deepspeed_level)
         log.info("run dir %s, %d rank(s) on %s (%s)", self.run_dir, ranks.world_size, self.device,
@@ -135,14 +136,14 @@ class Run:
             self.watchdog.start()
         self.checkpointer = Checkpointer(self.cfg, ranks.rank, self.grid)
 
-    def _lock(self, folders: list[Path]) -> str:
+    def _lock(self, folders: list[tuple[Path, str]]) -> str:
         """Lock `folders` (rank 0); the job's token, which tells its heartbeats from another job's."""
         import uuid
 
         from bigtrain.runtime.rundir import FolderLock
 
-        for folder in folders:
-            lock = FolderLock(folder)
+        for folder, key in folders:
+            lock = FolderLock(folder, key)
             lock.acquire()
             self.locks.append(lock)
         return uuid.uuid4().hex

@@ -24,8 +24,9 @@ class FolderLock:
     drops it when the holder dies, however it dies, so a crashed job's lock never blocks the next one.
     The lock file says who holds it (host, pid, start time, command) for the refusal message."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, key: str = "run_dir"):
         self.folder = folder
+        self.key = key  # the config key that names the folder, for messages
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -33,8 +34,8 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise ConfigError(f"Cannot create or open {self.folder} ({err.strerror}). Point run_dir (and "
-                              "checkpoint.dir) at folders this job can write.") from None
+            raise ConfigError(f"{self.key} {self.folder} is not writable ({type(err).__name__}: {err.strerror}). Point "
+                              f"{self.key} at a folder this job can create and write.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

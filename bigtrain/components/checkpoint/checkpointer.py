@@ -304,12 +304,30 @@ class Checkpointer:
         done.touch()
         return out
 
+    def _repair_universal_load(self, groups: list[dict], weight_decays: list[float]) -> None:
+        """What DeepSpeed's ZeRO-3 universal loader (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        gets wrong with more than one parameter group (bigtrain has two: with and without weight decay),
+        measured as a drift from the reference after a change of rank count:
+        - it gives every group the first group's hyperparameters, so the no-decay group would decay;
+        - it gives every group's state one shared `step` tensor, which each group's update then advances,
+          so Adam's bias correction would count every step once per group."""
+        for group, weight_decay in zip(groups, weight_decays):
+            group["weight_decay"] = weight_decay
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
     def load(self, point: ResumePoint) -> dict:
         """Load `point` into the attached engine and this rank's RNG; return the client state."""
         path = Path(point.universal_path or point.path)
+        groups = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer).param_groups
+        weight_decays = [group["weight_decay"] for group in groups]
         with weights_only_loads(path):
             loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                                load_module_strict=not self.lora)
+        if point.universal_path:
+            self._repair_universal_load(groups, weight_decays)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}.")
         rng_path = Path(point.path) / rng_file(self.rank)
