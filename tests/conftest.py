@@ -46,7 +46,7 @@ def launcher_command(launcher: str, nproc: int, overrides: list[str], faults: li
 # ------------------------------------------------------------------------------ the test tiers
 
 # Fixtures that start ranks: a test using one is in the multiprocess tier.
-RANK_FIXTURES = {"background", "rank_pool", "rank_pool4", "saved_run", "runs", "run", "net", "trained_run", "run_copy"}
+RANK_FIXTURES = {"_pools", "background", "rank_pool", "rank_pool1", "rank_pool4", "saved_run", "runs", "run", "net", "trained_run", "run_copy"}
 _current_test: dict = {"item": None}
 
 
@@ -172,6 +172,12 @@ def _pool(pools: dict, world_size: int):
 def rank_pool(_pools):
     """Two ranks in one gloo process group, kept for the session (tests/rank_pool.py)."""
     return _pool(_pools, 2)
+
+
+@pytest.fixture
+def rank_pool1(_pools):
+    """One rank in a process of its own (a one-process run next to the others)."""
+    return _pool(_pools, 1)
 
 
 @pytest.fixture

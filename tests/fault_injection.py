@@ -10,6 +10,7 @@
 """
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -18,6 +19,25 @@ import torch.distributed as dist
 from bigtrain.components.checkpoint.checkpointer import Checkpointer
 from bigtrain.runtime.trainer import Trainer
 from bigtrain.train import main
+
+
+@contextlib.contextmanager
+def injected(nan_steps=(), slow_rank: int = -1, slow_step_s: float = 0.0, slow_save_s: float = 0.0):
+    """The faults for the runs started inside the block (in this process: the rank pool's workers)."""
+    forward, save = Trainer.forward, Checkpointer.save
+    inject(set(nan_steps), slow_rank, slow_step_s, slow_save_s)
+    try:
+        yield
+    finally:
+        Trainer.forward, Checkpointer.save = forward, save
+
+
+def train_with_faults(faults: dict, overrides: list[str]):
+    """On every rank of the pool: a run of `overrides` with `faults` (keyword arguments of `injected`)."""
+    from conftest import pool_train
+
+    with injected(**faults):
+        return pool_train(overrides)
 
 
 def inject(nan_steps: set[int], slow_rank: int, slow_step_s: float, slow_save_s: float) -> None:

@@ -14,7 +14,7 @@ import json
 import math
 
 import pytest
-from conftest import FAST, read_metrics, run_bigtrain
+from conftest import FAST, _pool, pool_train, read_metrics
 
 STEPS = 10
 WARMUP = 2
@@ -34,17 +34,16 @@ CONVERGENCE = 0.02
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Launch each option once, when a test first asks for it: {name: (metrics, ds_config)}."""
+def runs(_pools, tmp_path_factory):
+    """Train each option once on the 2-rank pool, when a test first asks for it: {name: (metrics, ds_config)}."""
     done = {}
 
     def get(name: str):
         if name not in done:
             tmp = tmp_path_factory.mktemp(name)
             run_dir = tmp / "run"
-            run_bigtrain("torchrun", 2, [*FAST, *RUNS[name], "comm.count_bytes=true", "checkpoint.save_final=false",
-                                                 f"run_dir={run_dir}"],
-                         cwd=tmp)
+            _pool(_pools, 2).run(pool_train, [*FAST, *RUNS[name], "comm.count_bytes=true",
+                                              "checkpoint.save_final=false", "eval.interval=0", f"run_dir={run_dir}"])
             metrics = read_metrics(run_dir)
             assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
             done[name] = metrics, json.loads((run_dir / "ds_config.json").read_text())

@@ -11,11 +11,12 @@ trained weights differ from the reference's by the same reordering noise, which 
 as at most 9e-5 (measured); a weight mapped to the wrong layer or left behind moves them by O(1).
 """
 
+import functools
 import subprocess
 
 import pytest
 import torch
-from conftest import BIN, FAST, launcher_command, read_metrics, run_bigtrain, run_command
+from conftest import BIN, FAST, pool_train, read_metrics
 from engine_logits import fixed_batch
 from reference import reference_run
 from transformers import AutoModelForCausalLM
@@ -34,11 +35,17 @@ STEPS = 10
 GPT2 = ["model=tiny_gpt2", "optimizer.lr=3e-4"]
 
 
+@functools.lru_cache(maxsize=None)
+def reference(overrides: tuple[str, ...], dp_size: int):
+    return reference_run(compose([*FAST, *overrides]), dp_size, STEPS)
+
+
 def check_against_reference(run_dir, overrides, dp_size, exported=None):
     """Per-step losses within TOLERANCE of the reference; the exported model's logits within
     LOGIT_TOLERANCE of the reference model's after the same steps; metrics count the model once."""
     cfg = compose([*FAST, *overrides])
-    expected, reference_model = reference_run(cfg, dp_size, STEPS)
+    expected, reference_model = reference(tuple(o for o in overrides if not o.startswith(("parallel.", "zero="))),
+                                          dp_size)
     metrics = read_metrics(run_dir)
     got = [m["loss"] for m in metrics]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
@@ -66,54 +73,50 @@ def check_against_reference(run_dir, overrides, dp_size, exported=None):
         assert diff <= LOGIT_TOLERANCE
 
 
-@pytest.mark.multiprocess
-def test_pipeline_llama_matches_reference_resumes_exactly_and_exports(tmp_path):
+def test_pipeline_llama_matches_reference_resumes_exactly_and_exports(rank_pool, rank_pool1, tmp_path):
     """PP=2 on tiny Llama (untied head); a second run resumed from the step-5 checkpoint of the
     first reproduces its steps 6-10 bit for bit (same ranks, restored RNG and data position)."""
     run_dir = tmp_path / "run"
     layout = ["parallel.pipeline=2", "zero=stage1"]
-    run_bigtrain("torchrun", 2, [*FAST, *layout, "checkpoint.interval=5", f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*FAST, *layout, "checkpoint.interval=5", f"run_dir={run_dir}"])
     assert (run_dir / "checkpoints" / "step_00000005" / "layer_00-model_states.pt").is_file()
     check_against_reference(run_dir, layout, dp_size=1, exported=tmp_path / "hf")
 
     resumed = tmp_path / "resumed"
-    run_bigtrain("torchrun", 2, [*FAST, *layout, f"checkpoint.resume={run_dir}/checkpoints/step_00000005",
-                                 f"run_dir={resumed}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*FAST, *layout, f"checkpoint.resume={run_dir}/checkpoints/step_00000005",
+                               f"run_dir={resumed}"])
     assert [m["step"] for m in read_metrics(resumed)] == list(range(6, STEPS + 1))
     assert [m["loss"] for m in read_metrics(resumed)] == [m["loss"] for m in read_metrics(run_dir)][5:]
 
     # Another layout cannot load per-stage files: refused with the layout to use, nothing trained.
-    other = run_command(launcher_command("python", 1, [*FAST, f"run_dir={run_dir}", "zero=stage1"]), tmp_path)
-    assert other.returncode == 2, other.stderr[-2000:]
-    assert "was saved with data 1 x pipeline 2 x tensor 1, this run has data 1 x pipeline 1" in other.stderr
-    assert "parallel.pipeline=2 parallel.tensor=1" in other.stderr
+    with pytest.raises(Exception) as refused:
+        rank_pool1.run(pool_train, [*FAST, f"run_dir={run_dir}", "zero=stage1"])
+    assert "was saved with data 1 x pipeline 2 x tensor 1, this run has data 1 x pipeline 1" in str(refused.value)
+    assert "parallel.pipeline=2 parallel.tensor=1" in str(refused.value)
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))
 
 
-@pytest.mark.multiprocess
-def test_pipeline_gpt2_with_tied_embeddings_matches_reference_and_exports(tmp_path):
+def test_pipeline_gpt2_with_tied_embeddings_matches_reference_and_exports(rank_pool, tmp_path):
     """GPT-2's output head is its token embedding: the first and last stage each hold a copy, kept
     equal by summing their gradients. Export writes it once, as the tied HF weight."""
     run_dir = tmp_path / "run"
     layout = ["parallel.pipeline=2", "zero=stage1", *GPT2]
-    run_bigtrain("torchrun", 2, [*FAST, *layout, f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*FAST, *layout, f"run_dir={run_dir}"])
     check_against_reference(run_dir, layout, dp_size=1, exported=tmp_path / "hf")
 
 
-@pytest.mark.multiprocess
-def test_tensor_parallel_llama_matches_reference_and_exports(tmp_path):
+def test_tensor_parallel_llama_matches_reference_and_exports(rank_pool, tmp_path):
     """TP=2 (AutoTP); export merges the two ranks' slices of every sharded weight."""
     run_dir = tmp_path / "run"
     layout = ["parallel.tensor=2", "zero=stage1"]
-    run_bigtrain("torchrun", 2, [*FAST, *layout, f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*FAST, *layout, f"run_dir={run_dir}"])
     check_against_reference(run_dir, layout, dp_size=1, exported=tmp_path / "hf")
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [["parallel.pipeline=2", "zero=stage1"], ["parallel.tensor=2", "zero=stage1"]],
                          ids=["pipeline2-x-data2", "tensor2-x-data2"])
-def test_four_ranks_with_data_parallelism(tmp_path, layout):
+def test_four_ranks_with_data_parallelism(rank_pool4, tmp_path, layout):
     """2 model-parallel ranks x 2 data-parallel groups: each group reads its half of every batch."""
     run_dir = tmp_path / "run"
-    run_bigtrain("torchrun", 4, [*FAST, *layout, f"run_dir={run_dir}"], cwd=tmp_path, timeout=600)
+    rank_pool4.run(pool_train, [*FAST, *layout, f"run_dir={run_dir}"])
     check_against_reference(run_dir, layout, dp_size=2)

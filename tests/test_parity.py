@@ -15,7 +15,7 @@ import json
 
 import pytest
 import yaml
-from conftest import FAST, read_metrics, run_bigtrain
+from conftest import FAST, _pool, pool_train, read_metrics, run_bigtrain
 from reference import reference_losses
 
 from bigtrain.config import compose
@@ -40,25 +40,18 @@ def reference():
     return get
 
 
+# (ranks, overrides): every ZeRO stage, gradient accumulation, optimizer offload, one process.
 CASES = [
-    # (launcher, ranks, overrides): the three entry points are all exercised here.
-    ("torchrun", 2, ["zero=stage0"]),
-    ("torchrun", 2, ["zero=stage1", "train.grad_accum=2"]),
-    ("torchrun", 2, ["zero=stage2"]),
-    ("torchrun", 2, ["zero=stage3"]),
-    ("deepspeed", 2, ["zero=stage3", "offload=optimizer"]),
-    ("python", 1, ["zero=stage2"]),
+    (2, ["zero=stage0"]),
+    (2, ["zero=stage1", "train.grad_accum=2"]),
+    (2, ["zero=stage2"]),
+    (2, ["zero=stage3"]),
+    (2, ["zero=stage3", "offload=optimizer"]),
+    (1, ["zero=stage2"]),
 ]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "launcher,nproc,overrides", CASES, ids=[f"{c[0]}-{'-'.join(c[2])}" for c in CASES]
-)
-def test_matches_single_process_reference(tmp_path, reference, launcher, nproc, overrides):
-    run_dir = tmp_path / "run"
-    run_bigtrain(launcher, nproc, [*FAST, *overrides, f"run_dir={run_dir}"], cwd=tmp_path)
-
+def check_parity(run_dir, reference, nproc, overrides) -> None:
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     grad_accum = 2 if "train.grad_accum=2" in overrides else 1
@@ -69,10 +62,24 @@ def test_matches_single_process_reference(tmp_path, reference, launcher, nproc, 
     assert worst <= TOLERANCE, f"losses {got}\nreference {expected}\nworst |diff| {worst:.2e}"
     # Training really happened: the loss fell over the 10 steps.
     assert got[-1] < got[0] - 0.5
+    check_run_outputs(run_dir, [*FAST, *overrides, f"run_dir={run_dir}"], nproc, grad_accum)
 
+
+@pytest.mark.parametrize("nproc,overrides", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
+def test_matches_single_process_reference(_pools, tmp_path, reference, nproc, overrides):
+    run_dir = tmp_path / "run"
+    _pool(_pools, nproc).run(pool_train, [*FAST, *overrides, f"run_dir={run_dir}"])
+    check_parity(run_dir, reference, nproc, overrides)
+
+
+@pytest.mark.multiprocess
+def test_a_launched_run_matches_too_and_writes_only_its_run_dir(tmp_path, reference):
+    """The deepspeed launcher's ranks, composing the config themselves from the command line."""
+    run_dir = tmp_path / "run"
+    run_bigtrain("deepspeed", 2, [*FAST, "zero=stage2", f"run_dir={run_dir}"], cwd=tmp_path)
+    check_parity(run_dir, reference, 2, ["zero=stage2"])
     # One shared run dir: no Hydra per-process folders next to it or in the working directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    check_run_outputs(run_dir, [*FAST, *overrides, f"run_dir={run_dir}"], nproc, grad_accum)
 
 
 def check_run_outputs(run_dir, overrides, nproc, grad_accum):

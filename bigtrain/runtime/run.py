@@ -333,6 +333,9 @@ def _forget_process_state() -> None:
 
     unset_hf_deepspeed_config()
     _restore_deepspeed_groups()
+    from deepspeed.comm.comm import comms_logger
+
+    comms_logger.__init__()  # its configuration came from this run's DeepSpeed config
     logger = logging.getLogger("bigtrain")
     for handler in list(logger.handlers):
         handler.close()
