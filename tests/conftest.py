@@ -148,6 +148,25 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return [p.pid for p in sorted(ranks, key=lambda p: int(p.environ()["RANK"]))]
 
 
+# ------------------------------------------------------------------------------ prepared data
+
+
+@pytest.fixture(scope="session")
+def blended_data(tmp_path_factory) -> list[str]:
+    """Overrides that train on a 0.7 / 0.3 blend of the bundled corpus's two books, each prepared
+    on its own by `prepare` (as `bigtrain prepare` does)."""
+    from bigtrain.components.data.prepare import prepare
+    from bigtrain.config import compose
+    from bigtrain.config.compose import ASSET_DIR
+
+    root = tmp_path_factory.mktemp("blend")
+    for book in ("devils_dictionary", "jargon_file"):
+        cfg = compose([f"data.files=[{ASSET_DIR / 'corpus' / book}.jsonl.gz]"])
+        prepare(cfg.data, root / book, workers=1, validation_fraction=0.05, seed=0, progress=False)
+    return ["data=prepared",
+            f"data.sources=[{{path: {root / 'devils_dictionary'}, weight: 0.7}}, {{path: {root / 'jargon_file'}, weight: 0.3}}]"]
+
+
 # ------------------------------------------------------------------------------- the rank pool
 
 

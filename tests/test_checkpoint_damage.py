@@ -4,7 +4,7 @@ favour of the previous valid one; keep-last-K never deletes the only valid check
 import shutil
 
 import pytest
-from conftest import FAST, read_metrics, run_bigtrain
+from conftest import FAST, _pool, pool_train, read_metrics
 
 from bigtrain.components.checkpoint.store import MANIFEST, find_problem, newest_valid, read_manifest
 
@@ -12,11 +12,10 @@ OVERRIDES = [*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.ke
 
 
 @pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
+def saved_run(tmp_path_factory, _pools):
     """A 2-rank run with checkpoints at steps 1, 2 and 3."""
-    cwd = tmp_path_factory.mktemp("damage")
-    run_dir = cwd / "run"
-    run_bigtrain("torchrun", 2, [*OVERRIDES, f"run_dir={run_dir}"], cwd=cwd)
+    run_dir = tmp_path_factory.mktemp("damage") / "run"
+    _pool(_pools, 2).run(pool_train, [*OVERRIDES, f"run_dir={run_dir}"])
     return run_dir
 
 
@@ -86,12 +85,11 @@ def test_half_written_newest_is_skipped(checkpoints):
     assert "step_00000004" in warnings[0] and MANIFEST in warnings[0]
 
 
-@pytest.mark.multiprocess
-def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, tmp_path):
+def test_relaunch_after_damage_resumes_from_previous_and_says_why(saved_run, rank_pool, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(saved_run, run_dir)
     bad_file = truncate(run_dir / "checkpoints" / "step_00000003")
-    run_bigtrain("torchrun", 2, [*OVERRIDES, "train.max_steps=4", f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*OVERRIDES, "train.max_steps=4", f"run_dir={run_dir}"])
     log = (run_dir / "train.log").read_text()
     assert "step_00000003 is damaged" in log and bad_file in log
     assert "resumed from" in log and "at step 2" in log

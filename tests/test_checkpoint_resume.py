@@ -1,5 +1,7 @@
 """Resume continues exactly: bitwise on the same ranks, after SIGTERM, after kill -9 of a rank, and
-on a different number of data-parallel ranks (through DeepSpeed's universal checkpoint format)."""
+on a different number of data-parallel ranks (through DeepSpeed's universal checkpoint format); the
+SIGTERM and rank-count cases train on a weighted blend of two prepared sources, whose order must
+survive the restart too."""
 
 import os
 import signal
@@ -11,9 +13,9 @@ from conftest import (
     FAST,
     REPO,
     launcher_command,
+    pool_train,
     rank_pids,
     read_metrics,
-    run_bigtrain,
     wait_for_step,
 )
 from reference import reference_losses
@@ -26,16 +28,17 @@ BASE = [*FAST, "scheduler=constant", "scheduler.warmup_steps=2"]
 
 
 @pytest.mark.multiprocess
-def test_sigterm_saves_exits_75_and_resume_is_bitwise_identical(tmp_path, background):
-    """SIGTERM to one rank (not rank 0) mid-run: every rank saves, the job exits 75; the relaunch
-    continues at the next step, and its losses equal an uninterrupted run's exactly (fp32 on the
-    CPU, same ranks, same data, restored RNG: no tolerance needed)."""
+def test_sigterm_saves_exits_75_and_resume_is_bitwise_identical(tmp_path, background, rank_pool, blended_data):
+    """SIGTERM to one rank (not rank 0) of a launched job mid-run: every rank saves, the job exits
+    75; the relaunch continues at the next step, and its losses and its samples drawn from each
+    source equal an uninterrupted run's exactly (fp32 on the CPU, same ranks, same data, restored
+    RNG: no tolerance needed)."""
     steps = 30
     full = tmp_path / "full"
-    run_bigtrain("torchrun", 2, [*BASE, f"train.max_steps={steps}", f"run_dir={full}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*BASE, *blended_data, f"train.max_steps={steps}", f"run_dir={full}"])
 
     run_dir = tmp_path / "run"
-    overrides = [*BASE, f"train.max_steps={steps}", f"run_dir={run_dir}"]
+    overrides = [*BASE, *blended_data, f"train.max_steps={steps}", f"run_dir={run_dir}"]
     proc = background(launcher_command("deepspeed", 2, overrides), tmp_path, tmp_path / "log.txt")
     wait_for_step(run_dir, 3, proc)
     os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
@@ -46,11 +49,12 @@ def test_sigterm_saves_exits_75_and_resume_is_bitwise_identical(tmp_path, backgr
     assert find_problem(tag_dir) is None
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_dir.name
 
-    run_bigtrain("torchrun", 2, overrides, cwd=tmp_path)
+    rank_pool.run(pool_train, overrides)
     resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == list(range(1, steps + 1))
-    expected = [m["loss"] for m in read_metrics(full)]
-    assert [m["loss"] for m in resumed][stopped_at:] == expected[stopped_at:]  # bitwise
+    expected = read_metrics(full)
+    assert [m["loss"] for m in resumed][stopped_at:] == [m["loss"] for m in expected][stopped_at:]  # bitwise
+    assert resumed[-1]["samples_by_source"] == expected[-1]["samples_by_source"]
 
 
 @pytest.mark.multiprocess
@@ -86,24 +90,23 @@ def test_kill_9_of_a_rank_ends_the_job_and_restart_wrapper_resumes(tmp_path, bac
     assert read_metrics(run_dir)[-1]["step"] == 14
 
 
-@pytest.mark.multiprocess
 # ZeRO-1 and -2 share DeepSpeed's optimizer (stage_1_and_2.py) and its universal-checkpoint loader;
 # ZeRO-3 has its own.
 @pytest.mark.parametrize("stage", [1, 3])
-def test_resume_on_another_number_of_ranks(tmp_path, stage):
+def test_resume_on_another_number_of_ranks(rank_pool1, rank_pool, tmp_path, stage, blended_data):
     """1 rank (2 micro-batches accumulated) for 3 steps, 2 ranks (same global batch) to step 5, then
-    1 rank again to step 7. Every step matches the single-process reference within 1e-4, the parity
-    tolerance (tests/test_parity.py): the universal conversion is exact, so the only differences
-    are the same reduction-order ones."""
+    1 rank again to step 7, on blended data. Every step matches the single-process reference within
+    1e-4, the parity tolerance (tests/test_parity.py): the universal conversion is exact, so the only
+    differences are the same reduction-order ones."""
     run_dir = tmp_path / "run"
-    common = [*BASE, f"zero=stage{stage}", f"run_dir={run_dir}"]
-    run_bigtrain("python", 1, [*common, "train.max_steps=3", "train.grad_accum=2"], cwd=tmp_path)
-    run_bigtrain("torchrun", 2, [*common, "train.max_steps=5"], cwd=tmp_path)
-    run_bigtrain("python", 1, [*common, "train.max_steps=7", "train.grad_accum=2"], cwd=tmp_path)
+    common = [*BASE, *blended_data, f"zero=stage{stage}", f"run_dir={run_dir}"]
+    rank_pool1.run(pool_train, [*common, "train.max_steps=3", "train.grad_accum=2"])
+    rank_pool.run(pool_train, [*common, "train.max_steps=5"])
+    rank_pool1.run(pool_train, [*common, "train.max_steps=7", "train.grad_accum=2"])
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 8))
-    expected = reference_losses(compose(BASE), dp_size=2, steps=7)
+    expected = reference_losses(compose([*BASE, *blended_data]), dp_size=2, steps=7)
     worst = max(abs(m["loss"] - e) for m, e in zip(metrics, expected))
     assert worst <= 1e-4, ([m["loss"] for m in metrics], expected)
     log = (run_dir / "train.log").read_text()
