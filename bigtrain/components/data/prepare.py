@@ -186,7 +186,9 @@ def _tokenized(data_cfg: DictConfig, inputs: dict, workers: int):
 
     settings = (OmegaConf.to_container(data_cfg, resolve=True), inputs["validation_fraction"], inputs["seed"])
     batches = _batched(records(data_cfg), BATCH_DOCUMENTS)
-    if workers <= 1:
+    # A daemonic process (a worker of someone's multiprocessing pool calling bigtrain.fit) may not
+    # start processes of its own: it tokenizes alone.
+    if workers <= 1 or multiprocessing.current_process().daemon:
         _start_worker(*settings)
         yield from map(_tokenize_batch, batches)
         return
