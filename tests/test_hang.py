@@ -14,12 +14,13 @@ from conftest import (
     FAST,
     free_port,
     launcher_command,
+    pool_train,
     rank_pids,
     read_metrics,
-    run_bigtrain,
     run_command,
     wait_for_step,
 )
+from fault_injection import train_with_faults
 
 HANG_TIMEOUT_S = 8
 
@@ -47,7 +48,7 @@ def stop_rank_and_time_the_end(proc, run_dir, stopped_pids, rank=1):
 
 
 @pytest.mark.multiprocess
-def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, stopped_pids, background):
+def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, stopped_pids, background, rank_pool):
     run_dir = tmp_path / "run"
     overrides = [*FAST, "train.max_steps=500", "checkpoint.interval=2",
                  f"fault.hang_timeout_s={HANG_TIMEOUT_S}", f"run_dir={run_dir}"]
@@ -66,7 +67,7 @@ def test_sigstopped_rank_ends_job_with_report_and_relaunch_resumes(tmp_path, sto
     # Rank 1 reports each finished step before rank 0 can log it; it may finish one more first.
     assert set(rows) == {0, 1} and last_step <= rows[1] <= last_step + 1 and rows[0] >= last_step
 
-    run_bigtrain("torchrun", 2, [*FAST, f"train.max_steps={last_step + 2}", f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool.run(pool_train, [*FAST, f"train.max_steps={last_step + 2}", f"run_dir={run_dir}"])
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert read_metrics(run_dir)[-1]["step"] == last_step + 2
 
@@ -83,24 +84,20 @@ def test_deepspeeds_own_groups_get_the_collective_timeout(tmp_path):
     assert waited < 3 + 2
 
 
-@pytest.mark.multiprocess
-def test_slow_rank_is_reported_as_straggler(tmp_path):
+def test_slow_rank_is_reported_as_straggler(rank_pool, tmp_path):
     run_dir = tmp_path / "run"
-    run_bigtrain("torchrun", 2, [*FAST, "train.max_steps=4", "logging.interval=2", f"run_dir={run_dir}"],
-                 cwd=tmp_path, faults=["--slow-rank", "1", "--slow-step-s", "0.5"])
+    rank_pool.run(train_with_faults, {"slow_rank": 1, "slow_step_s": 0.5},
+                  [*FAST, "train.max_steps=4", "logging.interval=2", f"run_dir={run_dir}"])
     logged = read_metrics(run_dir)
     assert all(len(m["stragglers"]) == 1 and m["stragglers"][0]["rank"] == 1 for m in logged)
     assert all(m["stragglers"][0]["ratio"] > 1.5 for m in logged)
     assert "straggler: rank 1" in (run_dir / "train.log").read_text()
 
 
-@pytest.mark.multiprocess
-def test_healthy_run_with_a_save_longer_than_the_hang_timeout_is_not_killed(tmp_path):
+def test_healthy_run_with_a_save_longer_than_the_hang_timeout_is_not_killed(rank_pool, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_command(launcher_command("torchrun", 2, [
-        *FAST, "train.max_steps=2", "fault.hang_timeout_s=6", f"run_dir={run_dir}"],
-        faults=["--slow-save-s", "12"]), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank_pool.run(train_with_faults, {"slow_save_s": 12},
+                  [*FAST, "train.max_steps=2", "fault.hang_timeout_s=6", f"run_dir={run_dir}"])
     assert not (run_dir / "hang_report.txt").exists()
     assert [m["step"] for m in read_metrics(run_dir)][-1] == 2
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
