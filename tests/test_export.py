@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bigtrain.config import compose
 
+
 @pytest.mark.parametrize("stage,model", [(3, "tiny_llama"), (0, "tiny_gpt2")])
 def test_exported_model_gives_the_engines_logits(rank_pool, rank_pool1, tmp_path, stage, model):
     run_dir = tmp_path / "run"

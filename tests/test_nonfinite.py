@@ -1,7 +1,6 @@
 """A NaN loss skips the update on every rank (weights unchanged) and is counted; too many in a row
 stop the run with exit code 3 and the last good checkpoint intact."""
 
-import pytest
 import torch
 from conftest import FAST, read_metrics
 from fault_injection import train_with_faults

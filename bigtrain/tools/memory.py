@@ -72,6 +72,13 @@ class TrainingSetup:
     device: str  # cpu or cuda
     reduce_bucket: int
     eager_attention: bool = False
+    sequence: int = 1
+    """Ulysses degree: each rank holds 1/sequence of every sequence's tokens."""
+    checkpointing: bool = False
+    """Activation checkpointing of every decoder layer (train.activation_checkpointing=full)."""
+    activation_offload: bool = False
+    tiled_mlp: int = 0
+    tiled_loss: int = 0
 
 
 @dataclass
@@ -127,26 +134,43 @@ def model_state_bytes(params: int, largest_layer: int, layout: TrainingSetup) ->
     return device, partitioned  # full / nvme (ZeRO-3): the partitioned params leave the device too
 
 
-def activation_bytes(model: ModelFacts, layout: TrainingSetup) -> float:
-    """Activations kept for the backward pass (Korthikanti et al. 2022, "Reducing Activation
-    Recomputation in Large Transformer Models"): per token and layer about 9h tensors of the model
-    width h (attention inputs, Q, K, V, its output, the norms, residuals) plus the MLP's intermediate
-    tensors (4 of width i gated, 2 with GELU), in the training dtype; tensor parallelism shards the
-    attention and MLP parts. Eager attention adds its a x s score and softmax matrices; SDPA kernels
-    keep none; Hugging Face's layers keep HF_LAYER_FACTOR times as much. The output layer keeps fp32
-    logits, their log-softmax and both gradients (16 bytes per token and vocabulary entry). Under pipeline parallelism the first stage holds up to `pipeline`
+def activation_bytes(model: ModelFacts, layout: TrainingSetup) -> tuple[float, float]:
+    """(bytes on the device, bytes in host memory) of the activations kept for the backward pass.
+
+    Per token and layer (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models"): about 9h tensors of the model width h (attention inputs, Q, K, V, its output,
+    the norms, residuals) plus the MLP's intermediate tensors (4 of width i gated, 2 with GELU), in the
+    training dtype; tensor parallelism shards the attention and MLP parts. Eager attention adds its
+    a x s score and softmax matrices; SDPA kernels keep none; Hugging Face's layers keep
+    HF_LAYER_FACTOR times as much. The output layer keeps fp32 logits, their log-softmax and both
+    gradients (16 bytes per token and vocabulary entry).
+
+    The levers: sequence parallelism leaves each rank 1/sequence of the tokens (attention's heads are
+    split instead of the tokens, the same bytes); activation checkpointing keeps only each layer's
+    input, plus one layer's activations while it is recomputed (the input moves to host memory with
+    activation_offload); a tiled MLP keeps its input only and recomputes one tile at a time; a tiled
+    loss holds one tile's logits. Under pipeline parallelism the first stage holds up to `pipeline`
     micro-batches in flight (1F1B schedule)."""
     w, t = dtype_bytes(layout.precision), layout.tensor
     h, i = model.hidden_size, model.intermediate_size
-    mlp = (4 if model.gated_mlp else 2) * i
-    per_token_layer = (5 * h + (4 * h + mlp) / t) * w * HF_LAYER_FACTOR
+    mlp = (4 if model.gated_mlp else 2) * i * w * HF_LAYER_FACTOR / t
+    one_tile = 0.0
+    if layout.tiled_mlp > 1:
+        mlp, one_tile = h * w, mlp / layout.tiled_mlp  # kept: the input; live: one tile's intermediates
+    per_token_layer = (5 * h + 4 * h / t) * w * HF_LAYER_FACTOR + mlp
     if layout.eager_attention:
         per_token_layer += 2.5 * model.num_heads * layout.seq_len * w / t
-    tokens = layout.micro_batch * layout.seq_len
+    tokens = layout.micro_batch * layout.seq_len / layout.sequence
     layers = -(-model.num_layers // layout.pipeline)
     in_flight = min(layout.pipeline, layout.grad_accum) if layout.pipeline > 1 else 1
-    logits = tokens * model.vocab_size * 16 / t
-    return tokens * per_token_layer * layers * in_flight + logits
+    live = tokens * one_tile + tokens * model.vocab_size * 16 / t / max(layout.tiled_loss, 1)  # + logits
+    if not layout.checkpointing:
+        return tokens * per_token_layer * layers * in_flight + live, 0.0
+    layer_inputs = tokens * h * w * layers * in_flight
+    device = tokens * per_token_layer + live  # one layer recomputed at a time
+    if layout.activation_offload and layout.device == "cuda":
+        return device, layer_inputs
+    return device + layer_inputs, 0.0
 
 
 def estimate(model: ModelFacts, layout: TrainingSetup, process_gb: float, local_ranks: int) -> Estimate:
@@ -166,14 +190,17 @@ def estimate(model: ModelFacts, layout: TrainingSetup, process_gb: float, local_
         # One memory: device and host are both this process's RSS.
         est.device["model states"] = CPU_BUFFER_FACTOR * (states_device + states_offloaded) \
             if layout.offload != "nvme" else CPU_BUFFER_FACTOR * states_device
-        est.device["activations"] = activation_bytes(model, layout)
+        est.device["activations"] = sum(activation_bytes(model, layout))
         est.device["ZeRO buckets"] = bucket
         est.device["process"] = process_gb * GB + (CPU_SHM_ALLREDUCE_GB * GB * local_ranks if local_ranks > 1 else 0)
         return est
     est.device["model states"] = states_device
-    est.device["activations"] = activation_bytes(model, layout)
+    activations, offloaded_activations = activation_bytes(model, layout)
+    est.device["activations"] = activations
     est.device["ZeRO buckets"] = bucket
     est.device["CUDA reserve"] = GPU_RESERVE_GB * GB
+    if offloaded_activations:
+        est.host["offloaded activations"] = offloaded_activations
     if states_offloaded and layout.offload != "nvme":
         est.host["offloaded states"] = CPU_BUFFER_FACTOR * states_offloaded
     est.host["process"] = process_gb * GB

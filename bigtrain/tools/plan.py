@@ -107,11 +107,14 @@ def this_machine(device: str | None) -> Hardware:
 def setup_of(cfg: DictConfig, hardware: Hardware, stage: int, offload: str) -> TrainingSetup:
     world = hardware.nodes * hardware.ranks_per_node
     pp, tp = cfg.parallel.pipeline, cfg.parallel.tensor
+    train = cfg.train
     return TrainingSetup(
-        stage=stage, offload=offload, data=ProcessGrid.of(cfg, world).data, pipeline=pp, tensor=tp,
-        micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, seq_len=cfg.train.seq_len,
+        stage=stage, offload=offload, data=ProcessGrid.of(cfg, world).zero_partitions, pipeline=pp, tensor=tp,
+        micro_batch=train.micro_batch_size, grad_accum=train.grad_accum, seq_len=train.seq_len,
         precision=cfg.precision.name, device=hardware.device, reduce_bucket=cfg.zero.reduce_bucket_size,
-        eager_attention=cfg.model.attn_implementation == "eager",
+        eager_attention=cfg.model.attn_implementation == "eager", sequence=cfg.parallel.sequence,
+        checkpointing=train.activation_checkpointing == "full", activation_offload=train.activation_offload,
+        tiled_mlp=train.tiled_mlp, tiled_loss=train.tiled_loss,
     )
 
 
