@@ -267,3 +267,11 @@ def test_a_chat_file_whose_messages_lack_the_roles_is_refused_before_any_rank_st
 def test_config_error_is_a_value_error():
     with pytest.raises(ConfigError):
         compose(["zero=stage9"])
+
+
+def test_attention_kernels_accepted_without_asking_transformers_are_ones_it_knows():
+    """Validation takes these names on trust (to spare every check the import of transformers), so
+    they must stay names transformers itself accepts."""
+    from bigtrain.config.values import COMMON_ATTENTION, attention_implementations
+
+    assert set(COMMON_ATTENTION) <= set(attention_implementations())

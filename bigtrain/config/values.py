@@ -116,12 +116,23 @@ def check_choices(cfg: DictConfig) -> None:
             f"logging.deepspeed_level={cfg.logging.deepspeed_level!r} is not a log level. Use one of "
             f"{', '.join(LOG_LEVELS)}."
         )
+    check_attention(cfg.model.attn_implementation)
+
+
+def check_attention(name: str) -> None:
+    if name in COMMON_ATTENTION:
+        return
     attention = attention_implementations()
-    if cfg.model.attn_implementation not in attention:
+    if name not in attention:
         raise ConfigError(
-            f"model.attn_implementation={cfg.model.attn_implementation!r} is not an attention kernel transformers "
+            f"model.attn_implementation={name!r} is not an attention kernel transformers "
             f"knows. Use one of {', '.join(attention)} (sdpa is the default and runs everywhere)."
         )
+
+
+# Kernels every transformers release bigtrain supports knows by name: accepted without importing it
+# (seconds of every `bigtrain config`); any other name is looked up in transformers' own registry.
+COMMON_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 def attention_implementations() -> list[str]:

@@ -49,7 +49,7 @@ class Prepared:
 def prepare(data_cfg: DictConfig, out: Path, *, workers: int = 0, validation_fraction: float = 0.02,
             seed: int = 1234, progress: bool = True) -> Prepared:
     """Prepare the source `data_cfg` describes into `out`; nothing is written if `out` already holds it."""
-    from bigtrain.components.data.raw import check_source
+    from bigtrain.components.data.raw import check_files, check_first_record
     from bigtrain.components.data.tokenizer import load_tokenizer
 
     out = Path(out).absolute()
@@ -69,7 +69,8 @@ def prepare(data_cfg: DictConfig, out: Path, *, workers: int = 0, validation_fra
     existing = read_meta(out) if (out / META).is_file() else None
     if existing is not None and existing.get("inputs") == inputs:
         return Prepared(out, existing, up_to_date=True)
-    check_source(data_cfg)  # before anything is written
+    check_files(data_cfg)  # before anything is written
+    check_first_record(data_cfg)
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     staging = staging_dir(out)
     try:
@@ -185,7 +186,7 @@ def _tokenized(data_cfg: DictConfig, inputs: dict, workers: int):
     from bigtrain.components.data.raw import records
 
     settings = (OmegaConf.to_container(data_cfg, resolve=True), inputs["validation_fraction"], inputs["seed"])
-    batches = _batched(records(data_cfg), BATCH_DOCUMENTS)
+    batches = _batched(_checked(records(data_cfg), data_cfg), BATCH_DOCUMENTS)
     # A daemonic process (a worker of someone's multiprocessing pool calling bigtrain.fit) may not
     # start processes of its own: it tokenizes alone.
     if workers <= 1 or multiprocessing.current_process().daemon:
@@ -201,6 +202,18 @@ def _tokenized(data_cfg: DictConfig, inputs: dict, workers: int):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _checked(stream, data_cfg: DictConfig):
+    """The records of `stream`, each refused with one paragraph unless it has the fields data.format reads
+    (a chat message without a role or content, a role that is not one), rather than tokenized as it is:
+    the check before launch (raw.check_first_record) reads only the first record."""
+    from bigtrain.components.data.formats import check_record
+    from bigtrain.components.data.raw import _describe
+
+    for number, record in enumerate(stream, 1):
+        check_record(record, data_cfg, f"Record {number} of {_describe(data_cfg)}")
+        yield record
 
 
 def _batched(iterable, size: int):

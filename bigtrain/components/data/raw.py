@@ -22,9 +22,8 @@ BINARY_BUILDERS = {"parquet", "arrow"}  # these formats are binary by design; th
 SNIFF_BYTES = 8192
 
 
-def check_source(data_cfg: DictConfig) -> None:
-    """Refuse a source whose files are missing, empty, unreadable or not what the builder reads, or
-    whose first record lacks the fields data.format reads."""
+def check_files(data_cfg: DictConfig) -> None:
+    """Refuse a local source whose files are missing, empty, unreadable or not what the builder reads."""
     if data_cfg.builder in LOCAL_BUILDERS:
         if not data_cfg.files:
             raise ConfigError(
@@ -33,6 +32,10 @@ def check_source(data_cfg: DictConfig) -> None:
             )
         for path in data_cfg.files:
             check_file(Path(path), data_cfg.builder)
+
+
+def check_first_record(data_cfg: DictConfig) -> None:
+    """Refuse a source that holds no record, or whose first record lacks the fields data.format reads."""
     first = next(iter(records(data_cfg, limit=1)), None)
     if first is None:
         raise ConfigError(f"The data ({_describe(data_cfg)}) holds no record. Point data.files at files with data in them.")

@@ -137,9 +137,13 @@ def check_sources(cfg: DictConfig, vocab_size: int) -> None:
     """Before any rank starts: a bundled/hf source's files and first record; prepared folders that exist,
     share one tokenizer (the run's), and whose token ids fit the model's vocabulary."""
     if not is_prepared(cfg.data):
-        from bigtrain.components.data.raw import check_source
+        from bigtrain.components.data.raw import check_files, check_first_record
 
-        check_source(cfg.data)
+        check_files(cfg.data)
+        # A cache prepared from these very files (same sizes and times, same tokenizer and format)
+        # was read whole once already; reading the first record again would only cost the import.
+        if not (cache_folder(cfg.data) / META).is_file():
+            check_first_record(cfg.data)
         return
     from bigtrain.components.data.tokenizer import tokenizer_fingerprint
 
