@@ -27,6 +27,7 @@ BAD_CONFIGS = {
     "unknown_model": (["model=llama_9000"], 1, "Unknown model option 'llama_9000' (from 'model=llama_9000'). Choose one of: gpt2_small, llama_1b, tiny_gpt2, tiny_llama"),
     "unknown_group_option": (["zero=stage9"], 1, "Unknown zero option 'stage9'"),
     "unknown_key": (["train.max_stepz=5"], 1, "Unknown config key 'train.max_stepz'"),
+    "moved_key": (["parallel.activation_checkpoint_interval=1"], 1, "Use train.activation_checkpointing=full"),
     "bad_value_type": (["train.max_steps=many"], 1, "Value 'many' of type 'str' could not be converted"),
     "missing_data_path": (["data=hf", "data.files=[/no/such/corpus.txt]"], 1, "'/no/such/corpus.txt' (data.files) does not exist"),
     "data_files_not_given": (["data=hf"], 1, "data.builder=text reads local files, but data.files is empty"),

@@ -17,6 +17,13 @@ from bigtrain.errors import ConfigError
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
 ASSET_DIR = PACKAGE_DIR / "assets"
+# Keys of earlier releases, and what replaced them.
+MOVED_KEYS = {
+    "parallel.activation_checkpoint_interval": (
+        "activation checkpointing works in every layout now, through one key. Use "
+        "train.activation_checkpointing=full (every decoder layer), or none."
+    ),
+}
 RUNS_DIR = "runs"
 
 
@@ -80,6 +87,8 @@ def _explain_hydra_error(err: Exception, overrides: list[str]) -> str:
             f"Choose one of: {', '.join(available)}. Each option is a file in conf/{group}/."
         )
     unknown_key = re.search(r"Could not override '([^']+)'", text)
+    if unknown_key and unknown_key.group(1) in MOVED_KEYS:
+        return f"{unknown_key.group(1)} is gone: {MOVED_KEYS[unknown_key.group(1)]}"
     if unknown_key:
         return (
             f"Unknown config key '{unknown_key.group(1)}' ({cause}). Check its spelling against "
