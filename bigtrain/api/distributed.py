@@ -103,7 +103,7 @@ class DistributedTraining:
                 "or a hostfile with one line per node."
             )
         cfg = compose(overrides)
-        validate(cfg, world_size(hosts))
+        validate(cfg, world_size(hosts), local_ranks=hosts[0].slots)  # launched from the first host
         command = [str(LAUNCHERS / "multinode.sh"), str(Path(self.hostfile).absolute()), *with_run_dir(overrides, cfg)]
         return launch(cfg, command, self.quiet)
 

@@ -15,10 +15,12 @@ from bigtrain.config.derived import resolve_device
 from bigtrain.errors import ConfigError
 
 
-def check_machine(cfg: DictConfig, world_size: int) -> None:
+def check_machine(cfg: DictConfig, world_size: int, local_ranks: int | None = None) -> None:
+    """`local_ranks`: the job's ranks on this machine where the caller knows them (a hostfile's slots for
+    this node); else the launcher's count, else all `world_size` of them."""
     device = resolve_device(cfg)
     if device == "cuda":
-        _check_gpus(cfg, world_size)
+        _check_gpus(cfg, world_size, local_ranks)
         _check_cuda_toolkit(cfg)
     if cfg.model.attn_implementation.startswith("flash_attention") and not _flash_attention_installed(cfg):
         raise ConfigError(
@@ -42,7 +44,7 @@ def check_machine(cfg: DictConfig, world_size: int) -> None:
         )
 
 
-def _check_gpus(cfg: DictConfig, world_size: int) -> None:
+def _check_gpus(cfg: DictConfig, world_size: int, local_ranks: int | None = None) -> None:
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -52,8 +54,9 @@ def _check_gpus(cfg: DictConfig, world_size: int) -> None:
             f"CUDA build {torch.version.cuda or 'none'}). Use train.device=cpu (or auto) on this machine, or "
             "check the config for a GPU machine with `bigtrain config --device cuda`."
         )
-    # Ranks on this node: the launcher says (LOCAL_WORLD_SIZE); before a launch, every rank is local.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    # Ranks on this node: the caller's count (a multi-node launch check), else the launcher's (torchrun
+    # sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE); before a launch, every rank is local.
+    local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
     if local > visible:
         raise ConfigError(
             f"{local} ranks on this node train on GPUs, one each, but {visible} GPU(s) are visible here "

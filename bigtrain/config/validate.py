@@ -26,10 +26,11 @@ from bigtrain.distributed.topology import ProcessGrid
 from bigtrain.errors import ConfigError
 
 
-def validate(cfg: DictConfig, world_size: int, this_machine: bool = True) -> None:
+def validate(cfg: DictConfig, world_size: int, this_machine: bool = True, local_ranks: int | None = None) -> None:
     """Raise ConfigError for the first problem found in `cfg` for a job of `world_size` processes.
     `this_machine=False` checks a config meant for another kind of machine (`bigtrain config --device
-    cuda`): what this one has (GPUs, toolkits, libraries) is not checked."""
+    cuda`): what this one has (GPUs, toolkits, libraries) is not checked. `local_ranks`: how many of the
+    processes run on this machine, where that is not all of them (a multi-node launch)."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"The job's number of processes must be 1 or more, got {world_size!r}.")
     check_keys(cfg)
@@ -49,7 +50,7 @@ def validate(cfg: DictConfig, world_size: int, this_machine: bool = True) -> Non
     _check_data(cfg)
     _check_model_and_tokenizer(cfg)
     if this_machine:
-        check_machine(cfg, world_size)
+        check_machine(cfg, world_size, local_ranks)
 
 
 def _check_complete(cfg: DictConfig) -> None:

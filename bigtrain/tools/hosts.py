@@ -157,13 +157,15 @@ def world_size(hosts: list[HostEntry]) -> int:
     return sum(h.slots for h in hosts)
 
 
-def check_layout(hosts: list[HostEntry], overrides: list[str], source: str = "hostfile") -> DictConfig:
+def check_layout(hosts: list[HostEntry], overrides: list[str], source: str = "hostfile",
+                 this_node: int = 0) -> DictConfig:
     """The config must work with as many processes as the hostfile has slots (parallel layout and
-    batch arithmetic, through the same validation every rank runs at start-up)."""
+    batch arithmetic, through the same validation every rank runs at start-up); this machine, line
+    `this_node` of the hostfile, must have a GPU for each of its slots on a GPU run."""
     cfg = compose(overrides)  # a bad override is reported as is: it has nothing to do with the hosts
     size = world_size(hosts)
     try:
-        validate(cfg, size)
+        validate(cfg, size, local_ranks=hosts[this_node].slots)
     except ConfigError as err:
         slots = " + ".join(f"{h.name} {h.slots}" for h in hosts)
         raise ConfigError(
@@ -277,7 +279,7 @@ def check_launch(hostfile: str | Path, overrides: list[str], *, ssh: bool = True
         check_host_name(master_addr, "The master address")
     if node_rank is not None:
         check_node_rank(hosts, node_rank, str(hostfile))
-    check_layout(hosts, overrides, str(hostfile))
+    check_layout(hosts, overrides, str(hostfile), this_node=node_rank or 0)
     resolved = check_ssh(hosts, ssh_port, ssh_options, ssh_timeout_s, str(hostfile)) if ssh else {}
     env = dict(os.environ)
     set_network_defaults(env)  # as every rank will see it

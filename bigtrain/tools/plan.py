@@ -122,7 +122,7 @@ def plan(overrides: list[str], hardware: Hardware, process_gb: float) -> tuple[D
     """Every (stage, offload) choice for the config of `overrides` on `hardware`, with its estimate."""
     world = hardware.nodes * hardware.ranks_per_node
     cfg = compose(overrides)
-    validate(cfg, world)  # the layout itself must work on this many ranks
+    validate(cfg, world, local_ranks=hardware.ranks_per_node)  # the layout itself must work on this many ranks
     facts = model_facts(cfg.model)
     options = []
     for stage, offload in CHOICES:
