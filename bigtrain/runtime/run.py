@@ -103,7 +103,8 @@ class Run:
         from bigtrain.distributed.process_group import init_distributed
         from bigtrain.distributed.topology import ProcessGrid
 
-        select_accelerator(self.device, optimizer_on_cpu=self.cfg.offload.optimizer == "cpu")
+        # With optimizer offload (to CPU memory or NVMe) DeepSpeed's CPU Adam takes the optimizer step.
+        select_accelerator(self.device, optimizer_on_cpu=self.cfg.offload.optimizer != "none")
         _remember_deepspeed_groups()
         self.owns_process_group = not dist.is_initialized()
         self.ranks = init_distributed(self.cfg.fault.collective_timeout_s)
