@@ -145,13 +145,17 @@ def fp32_state_dict(tag_dir: Path, model=None, no_decay=()) -> dict[str, torch.T
     if read_manifest(tag_dir).get("tensor", 1) > 1:
         return _merged_tensor_parallel_state_dict(tag_dir)
     if not any(tag_dir.glob("*optim_states.pt")):
-        # ZeRO-0: fp32 training's module weights are its master weights; fp16's fp32 masters are kept
-        # flat by DeepSpeed's FP16_Optimizer, in the model-states file. (bf16 writes its fp32 copy to
-        # *optim_states.pt files even at stage 0, read below.)
+        # ZeRO-0: fp32 training's module weights are its master weights; fp16's fp32 masters are in the
+        # model-states file, one flat tensor per parameter group from DeepSpeed's FP16_Optimizer (with its
+        # FusedAdam), one tensor per parameter from FP16_UnfusedOptimizer (with torch's AdamW, bigtrain's
+        # default). (bf16 writes its fp32 copy to *optim_states.pt files even at stage 0, read below.)
         states = safe_load(tag_dir / "mp_rank_00_model_states.pt")
-        flat = (states.get("optimizer") or {}).get("fp32_groups_flat")
-        if flat is not None:
-            return unflatten_fp16_masters(flat, model, states["module"], no_decay)
+        optimizer = states.get("optimizer") or {}
+        masters = optimizer.get("fp32_groups_flat")
+        if masters is None and optimizer.get("fp32_groups") is not None:
+            masters = [torch.cat([t.reshape(-1) for t in group]) for group in optimizer["fp32_groups"]]
+        if masters is not None:
+            return unflatten_fp16_masters(masters, model, states["module"], no_decay)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -161,9 +165,9 @@ def fp32_state_dict(tag_dir: Path, model=None, no_decay=()) -> dict[str, torch.T
 
 def unflatten_fp16_masters(flat_groups: list[torch.Tensor], model, module_state: dict,
                            no_decay=()) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of an fp16 ZeRO-0 checkpoint. DeepSpeed's FP16_Optimizer holds them as one
-    flat tensor per parameter group, the trainable parameters back to back in the order bigtrain
-    handed them to the engine (the model's parameter order, group by group)."""
+    """The fp32 master weights of an fp16 ZeRO-0 checkpoint, given as one flat tensor per parameter group
+    (as DeepSpeed's FP16_Optimizer holds them): the trainable parameters back to back in the order
+    bigtrain handed them to the engine (the model's parameter order, group by group)."""
     from bigtrain.components.optimizer import parameter_groups
 
     state = {k: v.float() for k, v in module_state.items()}
