@@ -265,8 +265,8 @@ class LoggingConfig:
     deepspeed_level: str = "warning"
     """Level of DeepSpeed's own log messages (debug, info, warning, error)."""
     step_breakdown: bool = True
-    """Split each step's time into data wait, forward, backward and optimizer step. On a GPU this
-    synchronizes the device at each phase boundary, which costs a little throughput."""
+    """Split each step's time into data wait, forward, backward and optimizer step. On a GPU the phases
+    are timed with CUDA events, read once per logged step: the device is not synchronized per phase."""
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one device in the training precision, the denominator of MFU. Unset: a known
     GPU's datasheet figure, else a matmul measured at start-up (see README, Monitoring)."""
