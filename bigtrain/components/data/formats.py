@@ -19,11 +19,14 @@ from bigtrain.errors import ConfigError
 FORMATS = ("text", "prompt_completion", "chat")
 ROLES = ("system", "user", "assistant")
 # For tokenizers without a chat template: every turn as `<|role|>` on a line of its own, then its
-# text; an assistant turn ends with the end-of-text token, so the model learns where to stop.
+# text; an assistant turn ends with the end-of-text token, so the model learns where to stop. Turns
+# are separated by a line break, written as an expression: transformers renders templates with
+# trim_blocks, which drops a literal line break that follows a block tag such as {% endif %}.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}<|assistant|>\n{% endif %}"
 )
 
 
