@@ -56,12 +56,8 @@ def prepare(data_cfg: DictConfig, out: Path, *, workers: int = 0, validation_fra
     _check_out(out)
     if not 0.0 <= validation_fraction < 1.0:
         raise ConfigError(f"The validation fraction must be in [0, 1), got {validation_fraction}.")
-    from bigtrain.components.data.tokenizer import tokenizer_fingerprint
-
     inputs = {
-        "sources": _signature(data_cfg),
-        "tokenizer": tokenizer_fingerprint(data_cfg.tokenizer),
-        "data": {key: data_cfg[key] for key in PREPARE_KEYS},
+        **source_key(data_cfg),
         "validation_fraction": validation_fraction,
         "seed": seed,
         "format_version": FORMAT_VERSION,
@@ -101,6 +97,21 @@ def read_meta(folder: Path) -> dict:
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path} is damaged ({err}); prepare {folder} again with `bigtrain prepare`.") from None
     return meta
+
+
+def source_key(data_cfg: DictConfig) -> dict:
+    """What a source's tokens depend on: its files (path, size, time), the tokenizer's files, the data
+    keys that shape records into text, and the built-in chat template where chat data uses it (the
+    template can change between releases; a tokenizer's own or data.chat_template is in the others)."""
+    from bigtrain.components.data.formats import DEFAULT_CHAT_TEMPLATE
+    from bigtrain.components.data.tokenizer import tokenizer_fingerprint
+
+    return {
+        "sources": _signature(data_cfg),
+        "tokenizer": tokenizer_fingerprint(data_cfg.tokenizer),
+        "data": {key: data_cfg[key] for key in PREPARE_KEYS},
+        "default_chat_template": DEFAULT_CHAT_TEMPLATE if data_cfg.format == "chat" else None,
+    }
 
 
 def _signature(data_cfg: DictConfig) -> list[dict]:

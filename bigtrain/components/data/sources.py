@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bigtrain.components.data.prepare import META, PREPARE_KEYS, prepare, read_meta
+from bigtrain.components.data.prepare import META, prepare, read_meta, source_key
 from bigtrain.components.data.prepared import PreparedSplit, Samples, Shaping
 from bigtrain.errors import ConfigError
 
@@ -71,14 +71,7 @@ def evaluation_sources(cfg: DictConfig) -> list[Source]:
 
 def cache_folder(data_cfg: DictConfig) -> Path:
     """The folder the source of a data=bundled/hf run is prepared into, named after all it depends on."""
-    from bigtrain.components.data.raw import source_signature
-    from bigtrain.components.data.tokenizer import tokenizer_fingerprint
-
-    key = {
-        "sources": source_signature(data_cfg), "tokenizer": tokenizer_fingerprint(data_cfg.tokenizer),
-        "data": {k: data_cfg[k] for k in PREPARE_KEYS},
-        "validation": [data_cfg.validation_fraction, data_cfg.validation_seed],
-    }
+    key = {**source_key(data_cfg), "validation": [data_cfg.validation_fraction, data_cfg.validation_seed]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_root()
     return root / f"{data_cfg.name}-{digest}"
