@@ -130,11 +130,13 @@ def build_model(model_cfg: DictConfig, seed: int, ds_config: dict | None = None,
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     if zero3:
         _keep_zero3_config(ds_config)
+    # Before a pretrained model is loaded too: what draws random numbers after it (LoRA's adapter init,
+    # dropout) then depends on `seed` alone, not on what ran earlier in this process.
+    torch.manual_seed(seed)
     if model_cfg.pretrained:
         return _loaded(lambda: AutoModelForCausalLM.from_pretrained(
             model_cfg.pretrained, dtype=torch.float32, attn_implementation=attn, trust_remote_code=False,
         ), f"model.pretrained={model_cfg.pretrained!r}")
-    torch.manual_seed(seed)
     with random_init_on_cpu():
         if zero3:  # transformers skips torch's init and runs its own, gathered module by module
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
