@@ -30,7 +30,10 @@ def build_model_config(model_cfg: DictConfig, special_tokens: dict[str, int] | N
             )
         return _loaded(lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False),
                        f"model.pretrained={model_cfg.pretrained!r}")
-    kwargs = {**(special_tokens or {}), **OmegaConf.to_container(model_cfg.hf_config)}
+    # Without the tokenizer's ids (a config read for its shapes only) none are set: the family's
+    # defaults (GPT-2's 50256) may lie outside this vocabulary, which transformers warns about.
+    tokens = special_tokens if special_tokens is not None else {"bos_token_id": None, "eos_token_id": None}
+    kwargs = {**tokens, **OmegaConf.to_container(model_cfg.hf_config)}
     try:
         return AutoConfig.for_model(model_cfg.family, **kwargs)
     except ValueError as err:

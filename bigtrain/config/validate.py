@@ -432,9 +432,9 @@ def _check_model_and_tokenizer(cfg: DictConfig) -> None:
     from bigtrain.components.data.sources import check_sources
     from bigtrain.components.data.tokenizer import load_tokenizer
     from bigtrain.components.lora import check_lora
-    from bigtrain.components.models import build_model_config, check_model_config, max_positions
+    from bigtrain.components.models import build_model_config, check_model_config, max_positions, special_token_ids
 
-    model_config = build_model_config(cfg.model)
+    model_config = build_model_config(cfg.model, special_token_ids(cfg.data.tokenizer))  # the config training builds
     check_lora(cfg, check_model_config(cfg.model, model_config))
     limit = max_positions(model_config)
     if limit is not None and cfg.train.seq_len > limit:
