@@ -52,9 +52,10 @@ train: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The tests that start no rank: config, validation, planning, parsing, the tools' refusals (under a minute).
+# The tests that start no process: config, validation, planning, parsing, data shaping, the GPU
+# checks against stand-ins (under a minute). `make test` adds rank and command tests.
 test-fast: setup
-	$(PY) -m pytest -m "not multiprocess" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not multiprocess and not commands" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,8 +2,10 @@
 pool, and read what they wrote.
 
 Tiers: a test that starts ranks (a launcher, the rank pool, an in-process training run) carries the
-`multiprocess` marker; `make test-fast` runs the others. The marker is enforced: the helpers that
-start ranks fail a test that lacks it, and tests using the rank fixtures get it automatically.
+`multiprocess` marker, one that runs bigtrain's commands or launch scripts as processes the
+`commands` marker; `make test-fast` runs the others, which start no process at all. The markers are
+enforced: the helpers that start ranks fail a test without `multiprocess` (tests using the rank
+fixtures get it automatically), and a test in the fast tier that starts a process fails.
 """
 
 import json
@@ -56,8 +58,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.multiprocess)
 
 
+_START_PROCESS = subprocess.Popen.__init__
+
+
 def pytest_runtest_setup(item):
     _current_test["item"] = item  # before fixtures, module-scoped ones included, are set up
+    # A test in the fast tier starts no process: one that does without a tier marker fails, saying so.
+    in_fast_tier = not (item.get_closest_marker("multiprocess") or item.get_closest_marker("commands"))
+    subprocess.Popen.__init__ = _refusing_processes(item) if in_fast_tier else _START_PROCESS
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    subprocess.Popen.__init__ = _START_PROCESS
+
+
+# What libraries run on their own to probe the machine (DeepSpeed compiles a test program and asks for
+# ninja to see which ops can build; bigtrain asks nvidia-smi for GPUs): short, and not the test's doing.
+MACHINE_PROBES = {"gcc", "cc", "c++", "g++", "ninja", "nvidia-smi", "nvcc"}
+
+
+def _refusing_processes(item):
+    def refuse(self, args, *rest, **kwargs):
+        command = args if isinstance(args, str) else " ".join(map(str, args))
+        if Path(command.split()[0]).name in MACHINE_PROBES:
+            return _START_PROCESS(self, args, *rest, **kwargs)
+        pytest.fail(f"{item.nodeid} runs `{command[:120]}` but is marked neither commands nor multiprocess; "
+                    "mark it (@pytest.mark.commands) so that `make test-fast` leaves it out.")
+
+    return refuse
 
 
 def require_multiprocess_marker(what: str) -> None:

@@ -26,6 +26,7 @@ print(json.dumps([{{"loss": r.final_loss, "steps": r.steps, "run_dir": r.run_dir
 """
 
 
+@pytest.mark.commands
 def test_importing_bigtrain_loads_neither_torch_nor_deepspeed():
     code = ("import sys, bigtrain; assert callable(bigtrain.fit); import bigtrain.train; "
             "assert callable(bigtrain.fit) and bigtrain.DistributedTraining and bigtrain.GPUAcceleratedTraining; "

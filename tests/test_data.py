@@ -34,7 +34,7 @@ def prepare_cli(*args, timeout=300) -> subprocess.CompletedProcess:
 def bundled_prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "bundled"
     cfg = compose([])
-    prepare(cfg.data, out, workers=2, validation_fraction=0.05, seed=11, progress=False)
+    prepare(cfg.data, out, workers=1, validation_fraction=0.05, seed=11, progress=False)
     return cfg, out
 
 
@@ -78,6 +78,7 @@ def test_the_held_out_choice_depends_on_the_document_and_the_seed_only():
     assert choices != [held_out({"text": f"doc {i}"}, 4, 0.3) for i in range(20000)]
 
 
+@pytest.mark.commands
 def test_prepare_again_on_unchanged_input_does_nothing_and_a_changed_input_is_prepared_again(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(300)))
@@ -101,6 +102,14 @@ def test_prepare_again_on_unchanged_input_does_nothing_and_a_changed_input_is_pr
     retokenized = prepare_cli(*args, f"data.tokenizer={other_tokenizer}")
     assert "prepared" in retokenized.stdout
 
+    # Workers tokenize batches in parallel; the shards keep the source order, byte for byte.
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, workers in ((one, "1"), (two, "2")):
+        done = prepare_cli("--out", out, "--workers", workers, "data=hf", "data.builder=json", f"data.files=[{corpus}]")
+        assert done.returncode == 0, done.stderr
+    for name in ("train.bin", "train.idx", "validation.bin", "validation.idx"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
 
 BAD_SOURCES = {
     "empty_file": (lambda p: p.write_text(""), "is empty"),
@@ -112,6 +121,7 @@ BAD_SOURCES = {
 }
 
 
+@pytest.mark.commands
 @pytest.mark.parametrize("case", BAD_SOURCES)
 def test_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path, case):
     make, words = BAD_SOURCES[case]
@@ -125,6 +135,7 @@ def test_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path, case)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no partial folder
 
 
+@pytest.mark.commands
 def test_an_out_that_holds_something_else_or_cannot_be_written_is_refused(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -138,6 +149,7 @@ def test_an_out_that_holds_something_else_or_cannot_be_written_is_refused(tmp_pa
     assert proc.returncode == 2 and "is a file" in proc.stderr
 
 
+@pytest.mark.commands
 def test_a_killed_prepare_leaves_no_folder_that_looks_finished(tmp_path):
     corpus = tmp_path / "big.jsonl"
     with corpus.open("w") as f:
@@ -158,6 +170,7 @@ def test_a_killed_prepare_leaves_no_folder_that_looks_finished(tmp_path):
         read_meta(out)
 
 
+@pytest.mark.commands
 def test_sources_prepared_with_another_tokenizer_are_refused_at_composition(tmp_path, bundled_prepared):
     cfg, out = bundled_prepared
     tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -41,6 +41,7 @@ def test_exported_model_gives_the_engines_logits(rank_pool, rank_pool1, tmp_path
         assert first_loss < fresh_loss - 0.3, "starts from the trained weights, not a fresh init"
 
 
+@pytest.mark.commands
 def test_export_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
     proc = subprocess.run([str(BIN / "bigtrain"), "export", str(tmp_path), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)

@@ -503,6 +503,7 @@ def test_a_chat_file_with_bad_messages_exits_2_before_any_rank_starts(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]  # no run dir, no prepared data
 
 
+@pytest.mark.commands
 def test_a_launched_run_on_a_bad_chat_file_exits_2_and_writes_nothing(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps(BAD_CHATS["unknown_role"][0]) + "\n")

@@ -374,6 +374,7 @@ def run_launcher(tmp_path: Path, script: str, gpus: int, env: dict,
                           text=True, timeout=60, check=False)
 
 
+@pytest.mark.commands
 @pytest.mark.parametrize("env,gpus,expected", [
     ({"CUDA_VISIBLE_DEVICES": "2,3"}, 4, "--include localhost:2,3"),
     ({"CUDA_VISIBLE_DEVICES": "2,3", "NPROC": "1"}, 4, "--include localhost:2"),
@@ -388,6 +389,7 @@ def test_local_launcher_keeps_the_jobs_gpus(tmp_path, env, gpus, expected):
     assert proc.stdout.strip() == f"deepspeed {expected} --module bigtrain.train zero=stage2"
 
 
+@pytest.mark.commands
 def test_local_launcher_refuses_gpus_named_by_uuid(tmp_path):
     """Item 4: the deepspeed launcher takes GPU indices only; UUID/MIG entries are refused, pointing to
     torchrun, rather than silently replaced by 0..N-1."""
@@ -396,6 +398,7 @@ def test_local_launcher_refuses_gpus_named_by_uuid(tmp_path):
     assert "UUID or MIG" in proc.stderr and "torchrun.sh" in proc.stderr
 
 
+@pytest.mark.commands
 def test_torchrun_launcher_starts_one_rank_per_visible_gpu(tmp_path):
     """Items 4 and 12: torchrun keeps CUDA_VISIBLE_DEVICES, and its default rank count is the visible
     GPUs (2 here), not every GPU nvidia-smi lists and not a fixed 2."""
@@ -981,6 +984,7 @@ def test_nvml_samples_the_gpu_this_rank_trains_on(monkeypatch, visible, local_ra
     assert stats["gpu_util"] == 87.0 and stats["gpu_power_w"] == 512.0 and stats["gpu_energy_j"] == 0.0
 
 
+@pytest.mark.commands
 def test_multinode_launch_forwards_the_gpu_environment_and_the_overrides_exactly(tmp_path):
     """Item 15 (and issue 18 item 7): multinode.sh passes the ranks on every node what a GPU job needs
     (CUDA_HOME, PATH with the environment's bin/, PYTORCH_CUDA_ALLOC_CONF, TORCH_NCCL_*, NCCL_*) through

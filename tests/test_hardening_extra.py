@@ -122,6 +122,7 @@ def test_a_missing_split_is_refused_by_bigtrain_config(capsys, tmp_path):
             "the split 'validation' exists (data.split)")
 
 
+@pytest.mark.commands
 @pytest.mark.parametrize("code,attempts", [(2, 1), (3, 1), (4, 1), (0, 1), (1, 3), (5, 3)])
 def test_restart_wrapper_relaunches_only_what_a_relaunch_can_fix(tmp_path, code, attempts):
     """Item 10: launchers/restart.sh stops at once on 2 (bad config or data), 3 (non-finite) and 4 (disk),

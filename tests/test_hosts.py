@@ -100,6 +100,7 @@ def test_bad_launch_is_refused(tmp_path, name):
     assert words.format(path=path) in str(err.value), str(err.value)
 
 
+@pytest.mark.commands
 def test_unreachable_hosts_are_named_and_the_probe_is_bounded():
     """A host that accepts TCP but never speaks ssh (a hung node) is named, and the check returns
     within its timeout (1 s) plus ssh's start-up, not after the kernel's TCP timeout; a host that
@@ -132,6 +133,7 @@ def test_loopback_resolution_without_gloo_interface_is_refused():
     check_gloo_address("node-02", "node-02 10.1.2.3")  # a routable address is fine
 
 
+@pytest.mark.commands
 def test_cli_exit_codes_and_no_deepspeed_import(tmp_path):
     """`bigtrain hosts` exits 2 with the one-paragraph message on stderr, 0 with a summary, and a
     failed check imports no DeepSpeed (nothing heavy starts)."""

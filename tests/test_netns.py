@@ -29,6 +29,7 @@ print(time.monotonic() - start)
 """
 
 
+@pytest.mark.commands
 def test_rate_limited_link(tmp_path):
     """4 MiB at 20 Mbit/s takes at least 1.6 s (unlimited, a veth moves it in milliseconds)."""
     problem = namespace_problem()

@@ -59,6 +59,7 @@ def test_model_states_are_deepspeeds_estimates_for_16_bit_training():
             assert host * gpus * 1.5 == pytest.approx(cpu, rel=1e-9)
 
 
+@pytest.mark.commands
 def test_plan_lists_every_choice_and_the_command_for_the_first_that_fits():
     proc = subprocess.run(
         [str(BIN / "bigtrain"), "plan", "--device", "cuda", "--device-memory", "24", "--ranks-per-node", "8",
@@ -77,6 +78,7 @@ def test_plan_lists_every_choice_and_the_command_for_the_first_that_fits():
             f"train.micro_batch_size=1 {choice}") in proc.stdout
 
 
+@pytest.mark.commands
 def test_plan_says_when_nothing_fits_and_refuses_bad_hardware():
     proc = subprocess.run([str(BIN / "bigtrain"), "plan", "--device", "cpu", "--cpu-memory", "1", "--baseline-gb",
                            "0.6", "--json"], capture_output=True, text=True, timeout=120)

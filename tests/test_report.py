@@ -43,6 +43,7 @@ def test_report_draws_the_curves_and_summarizes_the_run(tmp_path_factory, tmp_pa
     assert "tokens seen" in page and "5,120" in page
 
 
+@pytest.mark.commands
 def test_report_of_a_folder_without_metrics_is_refused(tmp_path):
     proc = subprocess.run([str(BIN / "bigtrain"), "report", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)

@@ -83,6 +83,7 @@ def test_a_checkpoint_carrying_code_is_refused_by_export_sample_and_resume(run_c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.commands
 def test_a_model_or_tokenizer_folder_that_asks_to_run_its_code_is_refused(tmp_path):
     marker = tmp_path / "code_ran"
     folder = tmp_path / "remote"
@@ -120,6 +121,7 @@ def test_a_second_job_on_a_locked_run_dir_exits_2_naming_the_holder_and_writes_n
     assert after == before, "the refused job touched the first job's files"
 
 
+@pytest.mark.commands
 def test_the_lock_of_a_job_that_died_does_not_block_the_next(tmp_path):
     code = (f"from pathlib import Path; from bigtrain.runtime.rundir import FolderLock; "
             f"FolderLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); import time; time.sleep(60)")
@@ -215,6 +217,7 @@ def test_overrides_reach_the_ranks_byte_for_byte_through_the_environment():
     assert decode_overrides(encoded) == hostile
 
 
+@pytest.mark.commands
 def test_slurm_slots_that_are_not_a_number_are_refused(tmp_path):
     env = dict(os.environ, SLURM_JOB_NODELIST="n1", SLURM_JOB_ID="1", SLOTS_PER_NODE="1/;touch pwned;s/x",
                SLURM_SUBMIT_DIR=str(tmp_path))
@@ -224,6 +227,7 @@ def test_slurm_slots_that_are_not_a_number_are_refused(tmp_path):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.commands
 def test_the_watchdog_kills_only_whole_number_pids_of_its_own_job(tmp_path):
     from bigtrain.runtime.watchdog import Watchdog
 

@@ -35,6 +35,7 @@ def test_sample_prints_the_greedy_continuation_of_the_newest_checkpoint(tmp_path
     assert proc.stdout == expected + "\n"  # nothing else on stdout
 
 
+@pytest.mark.commands
 def test_sample_without_a_run_is_refused(tmp_path):
     proc = subprocess.run([str(BIN / "bigtrain"), "sample", str(tmp_path), "--prompt", "x"],
                           capture_output=True, text=True, timeout=120)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.commands
+
 NODES = ["gpu-a01", "gpu-a02", "gpu-b07"]
 
 SCONTROL = """#!/usr/bin/env bash

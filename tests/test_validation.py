@@ -160,20 +160,32 @@ def refused(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS) + sorted(MACHINE_CONFIGS))
-def test_bad_config_is_refused_before_heavy_work(refused, name):
-    if name not in refused["cases"]:
+def test_bad_config_is_refused_before_heavy_work(name, tmp_path, monkeypatch, capsys):
+    """Through the real entry point, in this process (a run reaching training fails the test)."""
+    from bigtrain.runtime import run as run_module
+    from bigtrain.train import main
+
+    if name not in {**BAD_CONFIGS, **machine_cases()}:
         pytest.skip("this machine has what the config asks for")
-    result = refused["cases"][name]
-    message = result["stderr"]
-    assert result["rc"] == 2, message
-    assert {**BAD_CONFIGS, **MACHINE_CONFIGS}[name][2] in message
+    overrides, world_size, words = {**BAD_CONFIGS, **MACHINE_CONFIGS}[name]
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(run_module, "run", lambda cfg: pytest.fail("the config was accepted and a run started"))
+    run_dir = tmp_path / "run"
+    code = main([*overrides, f"run_dir={run_dir}"])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    assert words in message
     assert message.startswith("bigtrain: config error: ")
     assert "Traceback" not in message
     assert len(message.strip().splitlines()) == 1, "one paragraph, no stack dump"
-    assert not result["run_dir_made"]
+    assert not run_dir.exists()
 
 
+@pytest.mark.commands
 def test_nothing_heavy_started_for_any_refused_config(refused):
+    """Every refused config, in one fresh interpreter: each exits 2 with no run dir, and none of them
+    imported DeepSpeed or made a process group."""
+    assert all(case["rc"] == 2 and not case["run_dir_made"] for case in refused["cases"].values())
     assert not refused["deepspeed_imported"]
     assert not refused["process_group"]
 
@@ -191,6 +203,7 @@ def test_valid_default_config_passes():
     validate(compose([]), 2)
 
 
+@pytest.mark.commands
 def test_config_command_prints_derived_deepspeed_json():
     proc = subprocess.run(
         [sys.executable, "-m", "bigtrain.cli", "config", "--world-size", "2",
@@ -205,6 +218,7 @@ def test_config_command_prints_derived_deepspeed_json():
     assert ds["gradient_accumulation_steps"] == 4
 
 
+@pytest.mark.commands
 def test_config_command_refuses_bad_config():
     proc = subprocess.run(
         [sys.executable, "-m", "bigtrain.cli", "config", "offload=full"],
@@ -220,6 +234,7 @@ def test_an_empty_run_dir_is_refused():
         compose(["run_dir="])
 
 
+@pytest.mark.commands
 def test_cli_refuses_a_world_of_no_processes_and_negative_gpu_memory():
     config = subprocess.run([sys.executable, "-m", "bigtrain.cli", "config", "--world-size", "0"],
                             capture_output=True, text=True, timeout=120)
@@ -229,6 +244,7 @@ def test_cli_refuses_a_world_of_no_processes_and_negative_gpu_memory():
     assert plan.returncode == 2 and "--device-memory -80.0" in plan.stderr, plan.stderr
 
 
+@pytest.mark.commands
 @pytest.mark.parametrize("case", ["empty_folder", "broken_json", "unknown_model_type", "world_size_not_a_number"])
 def test_broken_folders_and_environment_are_one_paragraph(tmp_path, case):
     folder = tmp_path / "folder"
@@ -252,6 +268,7 @@ def test_broken_folders_and_environment_are_one_paragraph(tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.commands
 def test_a_chat_file_whose_messages_lack_the_roles_is_refused_before_any_rank_starts(tmp_path):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]}) + "\n")
