@@ -15,7 +15,9 @@ from bigtrain.components.data.loader import BatchLoader, BatchPlan
 from bigtrain.components.data.sources import evaluation_sources, open_samples
 from bigtrain.components.models import build_model_config
 from bigtrain.config import compose
+from bigtrain.monitor.progress import format_step_line
 from bigtrain.tools.export import fp32_state_dict
+from bigtrain.tools.report import plot, summarize
 
 EVAL = ["eval.interval=5", "eval.batches=3"]
 
@@ -61,3 +63,15 @@ def test_evaluation_does_not_change_training(rank_pool, tmp_path):
     without = train_on_pool(rank_pool, [*FAST, "eval.interval=0", f"run_dir={tmp_path / 'off'}"])
     assert [r["loss"] for r in with_eval] == [r["loss"] for r in without]  # bitwise
     assert sum("val_loss" in r for r in with_eval) == 5 and not any("val_loss" in r for r in without)
+
+    # Where a user looks: the step line (train.log and stdout) and `bigtrain report`'s summary and chart.
+    log = (tmp_path / "on" / "train.log").read_text()
+    final = with_eval[-1]
+    shown = f"val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.1f})"
+    assert f"step 10: {shown}" in log and log.count("val_loss") == 5
+    assert shown in format_step_line(final, 10)
+    summary = summarize(with_eval)
+    best = min((r["val_loss"], r["step"]) for r in with_eval if "val_loss" in r)
+    assert (summary.final_val_loss, (summary.best_val_loss, summary.best_val_loss_step)) == (final["val_loss"], best)
+    assert ("final val_loss", f"{final['val_loss']:.4f}") in summary.rows()
+    assert plot(with_eval, "run", tmp_path / "curves.png").stat().st_size > 10_000

@@ -15,6 +15,8 @@ def format_duration(seconds: float) -> str:
 
 def format_step_line(r: dict, max_steps: int) -> str:
     loss = "skipped (non-finite)" if r["skipped"] else f"loss {r['loss']:.4f}"
+    if r.get("val_loss") is not None:  # an evaluation ran after this step
+        loss += f"  val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})"
     mfu = f"  MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     eta = f"  ETA {format_duration(r['eta_s'])}" if r.get("eta_s") is not None else ""
     comm = f"  comm {r['comm_bytes'] / 1e6:.2f} MB" if r.get("comm_bytes") is not None else ""

@@ -167,7 +167,9 @@ class Trainer:
         val_loss = self.evaluator.evaluate()
         if self.watchdog is not None:
             self.watchdog.progress(phase="training")
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        val_ppl = math.exp(min(val_loss, 700.0))
+        log.info("step %d: val_loss %.4f (ppl %.1f) on held-out data", completed, val_loss, val_ppl)
+        return {"val_loss": val_loss, "val_ppl": val_ppl}
 
     # ------------------------------------------------------------------------------------ guards
 

@@ -26,15 +26,23 @@ class Summary:
     tokens_per_s: float
     mfu: float | None
     peak_mem_gb: float
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_val_loss_step: int | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         best = f"{self.best_loss:.4f} at step {self.best_loss_step}" if self.best_loss is not None else "n/a"
+        validation = []
+        if self.final_val_loss is not None:
+            validation = [("final val_loss", f"{self.final_val_loss:.4f}"),
+                          ("best val_loss", f"{self.best_val_loss:.4f} at step {self.best_val_loss_step}")]
         return [
             ("steps", str(self.steps)),
             ("time to train", f"{format_duration(self.train_time_s)} ({self.train_time_s:.1f} s)"),
             ("tokens seen", f"{self.tokens_seen:,}"),
             ("final loss", f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"),
             ("best loss", best),
+            *validation,
             ("throughput", f"{self.tokens_per_s:,.0f} tokens/s"),
             ("MFU", f"{self.mfu * 100:.1f}%" if self.mfu is not None else "n/a"),
             ("peak memory", f"{self.peak_mem_gb:.2f} GB per rank"),
@@ -75,6 +83,8 @@ def summarize(records: list[dict]) -> Summary:
     steady = records[1:] or records
     losses = [(r["loss"], r["step"]) for r in records if r.get("loss") is not None]
     best = min(losses) if losses else (None, None)
+    evaluations = [(r["val_loss"], r["step"]) for r in records if r.get("val_loss") is not None]
+    best_val = min(evaluations) if evaluations else (None, None)
     tokens_per_step = last["tokens_per_s"] * last["step_time_s"]
     if last.get("elapsed_s") is not None:
         train_time = last["elapsed_s"]
@@ -92,6 +102,9 @@ def summarize(records: list[dict]) -> Summary:
         tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
         mfu=sum(mfus) / len(mfus) if mfus else None,
         peak_mem_gb=max(r["mem_gb"] for r in records),
+        final_val_loss=evaluations[-1][0] if evaluations else None,
+        best_val_loss=best_val[0],
+        best_val_loss_step=best_val[1],
     )
 
 
@@ -106,7 +119,12 @@ def plot(records: list[dict], title: str, out: Path) -> Path:
     fig, (loss_ax, speed_ax, split_ax) = plt.subplots(3, 1, figsize=FIGURE_INCHES, dpi=FIGURE_DPI, sharex=True)
     fig.suptitle(title)
     loss_ax.plot(steps, [r.get("loss") if r.get("loss") is not None else float("nan") for r in records],
-                 marker=".", color="tab:blue")
+                 marker=".", color="tab:blue", label="training")
+    evaluated = [r for r in records if r.get("val_loss") is not None]
+    if evaluated:  # held-out loss on the same chart, so overfitting shows as the curves parting
+        loss_ax.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], marker="o",
+                     color="tab:red", label="validation")
+        loss_ax.legend(loc="upper right", fontsize="small")
     loss_ax.set_ylabel("loss")
     loss_ax.grid(alpha=0.3)
 
