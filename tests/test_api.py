@@ -7,6 +7,7 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FAST
@@ -154,3 +155,22 @@ def test_a_model_that_is_neither_a_name_nor_a_folder_is_refused(tmp_path):
         DistributedTraining(run_dir=str(tmp_path)).train_distributed({"name": "tiny_llama"}, None, nodes=2)
     with pytest.raises(ConfigError, match="unknown key"):
         DistributedTraining(run_dir=str(tmp_path)).train_distributed({"model_name": "tiny_llama"}, {"rows": 3})
+
+
+@pytest.mark.multiprocess
+def test_fit_launches_a_composed_config_of_another_model_into_its_default_run_dir(tmp_path, monkeypatch):
+    """The docstring's recipe: compose with a model group, edit, fit on 2 ranks. The config arrives
+    whole (its model group is not merged onto the default model's), and the default run dir, whose
+    name holds '=' and ',', reaches the ranks intact."""
+    import bigtrain
+
+    monkeypatch.chdir(tmp_path)
+    cfg = bigtrain.compose(["model=tiny_gpt2", *FAST, "logging.progress=false"])
+    cfg.train.max_steps = 2
+    result = bigtrain.fit(config=cfg, nproc=2, quiet=True)
+    assert result.ok and result.steps == 2, result
+    assert (tmp_path / result.run_dir).resolve().parent == tmp_path / "runs"
+    saved = (Path(result.run_dir) / "config.yaml").read_text()
+    assert "name: tiny_gpt2" in saved and "max_steps: 2" in saved
+    with pytest.raises(ConfigError, match="not both"):
+        bigtrain.fit(["train.max_steps=3"], config=cfg)

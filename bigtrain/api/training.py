@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigtrain.config import compose as _compose
 from bigtrain.config.derived import resolve_device
-from bigtrain.config.overrides import config_to_overrides
+from bigtrain.config.overrides import config_to_overrides, format_value
 from bigtrain.config.validate import validate
 from bigtrain.errors import BigtrainError, ConfigError, exit_code_of, meaning
 from bigtrain.runtime.run import TrainResult
@@ -41,17 +41,24 @@ def fit(
 ) -> TrainResult:
     """Train and return a TrainResult (final_loss, steps, run_dir, checkpoint, metrics, exit_code).
 
-    `config` (a composed DictConfig or a dict of keys) is applied on top of `overrides`. With
-    nproc=1 the run trains in this process; with more it launches `nproc` ranks on this machine
-    (`launcher`: deepspeed or torchrun) and waits for them. A config that cannot work raises
-    ConfigError before anything starts; a run that fails returns its exit_code (result.ok is False).
+    `config` is either a whole config from `bigtrain.compose` (edited or not), trained as it is, or
+    a dict of keys applied on top of `overrides`. With nproc=1 the run trains in this process; with
+    more it launches `nproc` ranks on this machine (`launcher`: deepspeed or torchrun) and waits for
+    them. A config that cannot work raises ConfigError before anything starts; a run that fails
+    returns its exit_code (result.ok is False).
     """
     overrides = list(overrides or [])
-    cfg = _compose(overrides)
-    if config is not None:
-        cfg = OmegaConf.merge(cfg, config if isinstance(config, DictConfig) else OmegaConf.create(config))
-        if nproc > 1:
-            overrides = config_to_overrides(overrides, cfg)
+    if isinstance(config, DictConfig):
+        if overrides:
+            raise ConfigError("fit() takes overrides or a composed config, not both: compose the config with the "
+                              "overrides (bigtrain.compose([...])), edit it, and pass it alone as config=.")
+        cfg = config.copy()  # its groups (model=tiny_gpt2) are already in it: merging onto defaults would mix two
+    else:
+        cfg = _compose(overrides)
+        if config is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(config))
+    if config is not None and nproc > 1:
+        overrides = config_to_overrides(overrides, cfg)
     validate(cfg, nproc)
     if nproc == 1:
         return train_here(cfg)
@@ -89,7 +96,7 @@ def with_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
     """`overrides` naming the run dir explicitly: every launched rank must write to the same one."""
     if any(o.startswith("run_dir=") for o in overrides):
         return overrides
-    return [*overrides, f"run_dir={cfg.run_dir}"]
+    return [*overrides, f"run_dir={format_value(cfg.run_dir)}"]  # quoted: a default name holds = and ,
 
 
 def launch(cfg: DictConfig, command: list[str], quiet: bool = False) -> TrainResult:
