@@ -4,8 +4,8 @@ sequence-parallel run resumes exactly after SIGTERM and exports a model with the
 
 Tolerances: recomputing a checkpointed layer repeats the same operations on the same inputs, so
 checkpointing on and off agree to 1e-6 (the spec's; measured: bitwise). Tiling splits the MLP's and
-the loss's sums into per-tile sums (measured differences around 1e-7; 1e-6 allowed). The sequence
-layouts use the layout tests' tolerances (tests/layout_checks.py).
+the loss's sums into per-tile sums (measured up to 9.5e-7, one float32 ulp at a loss of 8; two ulps,
+2e-6, allowed). The sequence layouts use the layout tests' tolerances (tests/layout_checks.py).
 """
 
 import os
@@ -16,6 +16,7 @@ from conftest import FAST, launcher_command, pool_train, rank_pids, read_metrics
 from layout_checks import check_against_reference
 
 SEQUENCE = ["parallel.sequence=2"]
+TIED = "model.hf_config.tie_word_embeddings=true"
 
 
 def losses(pool, tmp_path, name: str, overrides: list[str]) -> list[float]:
@@ -37,10 +38,14 @@ def test_activation_checkpointing_changes_no_loss(rank_pool, tmp_path, layout):
     assert_close(checkpointed, plain, 1e-6)
 
 
-def test_tiled_mlp_and_loss_change_no_loss(rank_pool, tmp_path):
-    plain = losses(rank_pool, tmp_path, "plain", ["zero=stage2"])
-    tiled = losses(rank_pool, tmp_path, "tiled", ["zero=stage2", "train.tiled_mlp=4", "train.tiled_loss=4"])
-    assert_close(tiled, plain, 1e-6)
+@pytest.mark.parametrize("layout", [["zero=stage2"], ["zero=stage1", TIED], ["zero=stage3", TIED]],
+                         ids=["zero2", "zero1-tied", "zero3-tied"])
+def test_tiled_mlp_and_loss_change_no_loss(rank_pool, tmp_path, layout):
+    """With a tied output head (Llama 3.2's small models) the head's weight also gets the embedding's
+    gradient after the tiled pieces; ZeRO must reduce the sum once."""
+    plain = losses(rank_pool, tmp_path, "plain", layout)
+    tiled = losses(rank_pool, tmp_path, "tiled", [*layout, "train.tiled_mlp=4", "train.tiled_loss=4"])
+    assert_close(tiled, plain, 2e-6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -43,9 +43,13 @@ def tiled_loss(model, batch: dict[str, torch.Tensor], shards: int, num_items: in
     from deepspeed.runtime.sequence_parallel.ulysses_sp import sequence_tiled_compute
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
-    hidden = hf_model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                    use_cache=False).last_hidden_state
     head = hf_model.get_output_embeddings()
+    embeddings = hf_model.get_input_embeddings()(batch["input_ids"])
+    tied = head.weight is hf_model.get_input_embeddings().weight
+    if tied and head.weight.requires_grad and torch.is_grad_enabled():
+        hold_reduction_until_embedding(head.weight, embeddings)
+    hidden = hf_model.get_decoder()(inputs_embeds=embeddings, position_ids=batch["position_ids"],
+                                    use_cache=False).last_hidden_state
     shifted = batch.get("shift_labels")
     if shifted is None:
         labels = batch["labels"]
@@ -58,7 +62,24 @@ def tiled_loss(model, batch: dict[str, torch.Tensor], shards: int, num_items: in
 
     total = sequence_tiled_compute(
         loss_sum, hidden.shape[1], shards, kwargs_to_shard={"hidden_states": hidden, "shift_labels": shifted},
-        kwargs_to_pass={"head": head}, grad_requiring_tensor_key="hidden_states", compute_params=[head.weight],
+        kwargs_to_pass={"head": head}, grad_requiring_tensor_key="hidden_states",
+        compute_params=[] if tied else [head.weight],
         output_unshard_dimension=0, output_reduction="sum",
     )
     return total / num_items
+
+
+def hold_reduction_until_embedding(weight: torch.nn.Parameter, embeddings: torch.Tensor) -> None:
+    """A tied output head's weight gets gradient from every piece of the tiled loss and then, last in the
+    backward pass, from the embedding lookup. ZeRO 1-3 reduce a weight's gradient once per backward pass,
+    when its flag `ds_grad_is_ready` says it is complete (sequence_tiled_compute sets it at the last
+    piece, too early here: the embedding's share would be a second reduction, which ZeRO refuses). So the
+    flag stays down through the pieces and goes up when the embedding output's gradient arrives, just
+    before the embedding adds its share."""
+    weight.ds_grad_is_ready = False
+
+    def ready(grad: torch.Tensor) -> torch.Tensor:
+        weight.ds_grad_is_ready = True
+        return grad
+
+    embeddings.register_hook(ready)
