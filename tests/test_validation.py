@@ -59,6 +59,8 @@ BAD_CONFIGS = {
     "powersgd_with_zero2": (["comm=powersgd"], 2, "comm=powersgd needs zero=stage0, but the config has zero=stage2"),
     "local_sgd_with_bf16": (["comm=local_sgd", "zero=stage0", "precision=bf16"], 2, "comm=local_sgd needs precision=fp32"),
     "onebit_with_tensor_parallel": (["comm=onebit", "zero=stage0", "parallel.tensor=2"], 2, "every rank as a data-parallel replica"),
+    "powersgd_with_sequence_parallel": (["comm=powersgd", "zero=stage0", "parallel.sequence=2"], 2,
+                                        "sequence-parallel ranks hold pieces of one sequence"),
     "compression_with_pipeline": (["comm=fp16_reduce", "parallel.pipeline=2"], 2, "not supported with pipeline parallelism"),
     "zeropp_without_stage3": (["comm=zeropp_hpz"], 2, "comm=zeropp_hpz is ZeRO++, an extension of ZeRO stage 3"),
     "zeropp_quantization_on_cpu": (["comm=zeropp", "zero=stage3", "train.device=cpu"], 2, "exist only for GPUs"),

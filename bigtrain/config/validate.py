@@ -277,6 +277,13 @@ def _check_bigtrain_exchange(cfg: DictConfig) -> None:
             "every rank as a data-parallel replica of the whole model. Use parallel.tensor=1, or "
             "comm=fp16_reduce/bf16_reduce."
         )
+    if cfg.parallel.sequence > 1:
+        raise ConfigError(
+            f"comm={comm.name} with parallel.sequence={cfg.parallel.sequence}: bigtrain's exchange averages "
+            "whole gradients over every rank as a data-parallel replica, but sequence-parallel ranks hold "
+            "pieces of one sequence, whose gradients DeepSpeed sums over the sequence group. Use "
+            "parallel.sequence=1, or comm=fp16_reduce/bf16_reduce."
+        )
     every = comm.sync_every
     if comm.name == "local_sgd" and cfg.checkpoint.interval % every:
         raise ConfigError(
