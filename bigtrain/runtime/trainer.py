@@ -112,7 +112,8 @@ class Trainer:
 
     def _train(self, start_step: int) -> TrainOutcome:
         last_loss = None
-        window_start, window_steps = time.perf_counter(), 0
+        # Evaluations and periodic saves are left out of the step time (and so of tokens/s and MFU).
+        window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
         completed = start_step
         for step in range(start_step, self.max_steps):
             lr = self.engine.get_lr()[0]
@@ -125,12 +126,16 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.step_done(completed)
             self._guard(completed, result)
-            evaluation = self._evaluate(completed) if self._eval_due(completed) else {}
+            evaluation = {}
+            if self._eval_due(completed):
+                paused_at = time.perf_counter()
+                evaluation = self._evaluate(completed)
+                window_paused += time.perf_counter() - paused_at
             if self._should_log(completed, start_step) or evaluation or self.stop_requested:
                 get_accelerator().synchronize()
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - window_paused
                 last_loss = self._log(completed, result, lr, elapsed / window_steps, window_steps, evaluation)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
             if self.stop_requested:
                 self._save(completed)
                 log.warning("stopped at step %d on a signal; relaunch the same command to resume", completed)
@@ -139,7 +144,9 @@ class Trainer:
             # newest checkpoint should be the last one taken while training was healthy.
             healthy = self.consecutive_skips == 0
             if self.checkpointer.due(completed) and completed < self.max_steps and healthy:
+                paused_at = time.perf_counter()
                 self._save(completed)
+                window_paused += time.perf_counter() - paused_at
         if start_step < self.max_steps and self.checkpointer.save_final:
             self._save(self.max_steps)
         return TrainOutcome(completed, last_loss)
