@@ -49,8 +49,13 @@ $(VENV)/.bigtrain-setup: $(VENV)/.torch pyproject.toml | system-packages
 train: setup
 	$(if $(NPROC),NPROC=$(NPROC)) VENV=$(VENV) launchers/local.sh run_dir=$(RUN_DIR) $(ARGS)
 
+# Test files run in TEST_WORKERS processes side by side (pytest-xdist), a file's tests in one of them: their
+# launches spend much of their time starting interpreters and waiting on one another, which the other
+# worker fills. TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The tests that start no process: config, validation, planning, parsing, data shaping, the GPU
 # checks against stand-ins (under a minute). `make test` adds rank and command tests.

@@ -2,13 +2,15 @@
 pool, and read what they wrote.
 
 Tiers: a test that starts ranks (a launcher, the rank pool, an in-process training run) carries the
-`multiprocess` marker, one that runs bigtrain's commands or launch scripts as processes the
-`commands` marker; `make test-fast` runs the others, which start no process at all. The markers are
-enforced: the helpers that start ranks fail a test without `multiprocess` (tests using the rank
-fixtures get it automatically), and a test in the fast tier that starts a process fails.
+`multiprocess` marker, one that runs bigtrain's commands or launch scripts (as processes, or through
+the commands' entry point in this process) the `commands` marker; `make test-fast` runs the others,
+which start no process at all. The markers are enforced: the helpers that start ranks fail a test
+without `multiprocess` (tests using the rank fixtures get it automatically), and a test in the fast
+tier that starts a process fails.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -123,6 +125,39 @@ def run_bigtrain(launcher: str, nproc: int, overrides: list[str], cwd: Path, tim
     if proc.returncode != 0:
         pytest.fail(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def bigtrain_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`bigtrain ARGS` through the command's entry point (bigtrain.cli.main) in this process: its exit
+    code, stdout and stderr as a process would give them, without a fresh interpreter's imports. The
+    entry point as a process is checked by the tests that run it that way (test_hosts, test_validation)."""
+    import contextlib
+    import io
+
+    from bigtrain.cli import main
+
+    out, err, before, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
+    # The command's log lines go to its stderr (as a process's logging.basicConfig would send them,
+    # which in here finds the test session's handlers already set and adds none).
+    logger, handler = logging.getLogger("bigtrain"), logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    except SystemExit as exit:  # argparse's refusals
+        code = exit.code
+    finally:  # what a command sets for itself (DS_ACCELERATOR) ends with it, as with a process
+        os.chdir(before)
+        os.environ.clear()
+        os.environ.update(environ)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return subprocess.CompletedProcess(["bigtrain", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -14,11 +14,10 @@ as at most 9e-5 (measured); a weight mapped to the wrong layer or left behind mo
 """
 
 import functools
-import subprocess
 
 import pytest
 import torch
-from conftest import BIN, FAST, read_metrics
+from conftest import FAST, bigtrain_in_process, read_metrics
 from engine_logits import fixed_batch
 from reference import reference_run
 from transformers import AutoModelForCausalLM
@@ -64,8 +63,7 @@ def check_against_reference(run_dir, overrides, dp_size, exported=None):
         assert m["tflops"] == pytest.approx(per_token * m["tokens_per_s"] / 1e12)
 
     if exported is not None:
-        proc = subprocess.run([str(BIN / "bigtrain"), "export", str(run_dir), str(exported)],
-                              capture_output=True, text=True, timeout=300)
+        proc = bigtrain_in_process("export", run_dir, exported)
         assert proc.returncode == 0, proc.stderr
         hf = AutoModelForCausalLM.from_pretrained(exported).eval()
         ids = fixed_batch(hf.config.vocab_size)

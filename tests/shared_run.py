@@ -16,7 +16,7 @@ def monitored_run(tmp_path_factory) -> tuple:
     run_dir, stdout_file = base / "run", base / "stdout.txt"
     if not stdout_file.exists():
         base.mkdir(exist_ok=True)
-        proc = run_bigtrain("deepspeed", RANKS, [*OVERRIDES, f"run_dir={run_dir}"], cwd=base)
+        proc = run_bigtrain("torchrun", RANKS, [*OVERRIDES, f"run_dir={run_dir}"], cwd=base)
         stdout_file.write_text(proc.stdout)
     return run_dir, stdout_file.read_text()
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BIN
+from conftest import BIN, bigtrain_in_process
 
 from bigtrain.components.data.blend import Blend
 from bigtrain.components.data.loader import BatchPlan
@@ -25,9 +25,8 @@ from bigtrain.config.compose import ASSET_DIR
 from bigtrain.errors import ConfigError
 
 
-def prepare_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bigtrain"), "prepare", "--no-progress", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+def prepare_cli(*args) -> subprocess.CompletedProcess:
+    return bigtrain_in_process("prepare", "--no-progress", *args)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN, FAST, pool_train, read_metrics
+from conftest import BIN, FAST, bigtrain_in_process, pool_train, read_metrics
 from engine_logits import engine_logits, fixed_batch
 from reference import reference_losses
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,8 +18,7 @@ def test_exported_model_gives_the_engines_logits(rank_pool, rank_pool1, tmp_path
     rank_pool.run(pool_train, [*FAST, "train.max_steps=3", f"zero=stage{stage}", f"model={model}",
                                f"run_dir={run_dir}"])
     out = tmp_path / "hf"
-    proc = subprocess.run([str(BIN / "bigtrain"), "export", str(run_dir), str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = bigtrain_in_process("export", run_dir, out)
     assert proc.returncode == 0, proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 
@@ -43,6 +42,7 @@ def test_exported_model_gives_the_engines_logits(rank_pool, rank_pool1, tmp_path
 
 @pytest.mark.commands
 def test_export_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    # the command as a process: the entry point itself (the other export tests call it in-process)
     proc = subprocess.run([str(BIN / "bigtrain"), "export", str(tmp_path), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

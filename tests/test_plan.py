@@ -99,7 +99,7 @@ def test_plan_says_when_nothing_fits_and_refuses_bad_hardware():
 ], ids=["tiny-zero2", "wide-zero3-offload", "long-checkpointed", "long-sequence-parallel"])
 def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, overrides):
     run_dir = tmp_path / "run"
-    run_bigtrain("deepspeed", 2, [*STEPS, *overrides, f"run_dir={run_dir}"], cwd=tmp_path)
+    run_bigtrain("torchrun", 2, [*STEPS, *overrides, f"run_dir={run_dir}"], cwd=tmp_path)
     measured = max(json.loads(line)["mem_gb"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
     hardware = Hardware(nodes=1, ranks_per_node=2, device="cpu", device_memory_gb=None, cpu_memory_gb=24.0,

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import BIN
+from conftest import BIN, bigtrain_in_process
 from PIL import Image
 from shared_run import monitored_run, records
 
@@ -15,8 +15,7 @@ from shared_run import monitored_run, records
 @pytest.mark.multiprocess
 def test_report_draws_the_curves_and_summarizes_the_run(tmp_path_factory, tmp_path):
     run_dir, _ = monitored_run(tmp_path_factory)
-    proc = subprocess.run([str(BIN / "bigtrain"), "report", str(run_dir), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = bigtrain_in_process("report", run_dir, "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
 
     image = Image.open(tmp_path / "report.png")
@@ -45,6 +44,7 @@ def test_report_draws_the_curves_and_summarizes_the_run(tmp_path_factory, tmp_pa
 
 @pytest.mark.commands
 def test_report_of_a_folder_without_metrics_is_refused(tmp_path):
+    # the command as a process: the entry point itself (the report test above calls it in-process)
     proc = subprocess.run([str(BIN / "bigtrain"), "report", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2

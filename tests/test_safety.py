@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, FAST, REPO, _pool, launcher_command, pool_train, read_metrics, run_command
+from conftest import (
+    FAST,
+    REPO,
+    _pool,
+    bigtrain_in_process,
+    launcher_command,
+    pool_train,
+    read_metrics,
+    run_command,
+)
 
 from bigtrain.components.checkpoint.store import MANIFEST, sha256_of
 from bigtrain.runtime.rundir import FolderLock
@@ -37,9 +46,8 @@ def run_copy(trained_run, tmp_path):
     return copy
 
 
-def bigtrain_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bigtrain"), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+def bigtrain_cli(*args, cwd=None, timeout=None) -> subprocess.CompletedProcess:
+    return bigtrain_in_process(*args, cwd=cwd)
 
 
 class Payload:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN
+from conftest import BIN, bigtrain_in_process
 from shared_run import monitored_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,7 +37,6 @@ def test_sample_prints_the_greedy_continuation_of_the_newest_checkpoint(tmp_path
 
 @pytest.mark.commands
 def test_sample_without_a_run_is_refused(tmp_path):
-    proc = subprocess.run([str(BIN / "bigtrain"), "sample", str(tmp_path), "--prompt", "x"],
-                          capture_output=True, text=True, timeout=120)
+    proc = bigtrain_in_process("sample", tmp_path, "--prompt", "x")
     assert proc.returncode == 2
     assert "is not a bigtrain run dir" in proc.stderr

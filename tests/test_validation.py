@@ -9,6 +9,7 @@ import textwrap
 import warnings
 
 import pytest
+from conftest import bigtrain_in_process
 
 from bigtrain.config import compose
 from bigtrain.config.machine import cpu_has_bf16_units
@@ -207,11 +208,7 @@ def test_valid_default_config_passes():
 
 @pytest.mark.commands
 def test_config_command_prints_derived_deepspeed_json():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bigtrain.cli", "config", "--world-size", "2",
-         "zero=stage3", "offload=optimizer", "train.grad_accum=4"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = bigtrain_in_process("config", "--world-size", "2", "zero=stage3", "offload=optimizer", "train.grad_accum=4")
     assert proc.returncode == 0, proc.stderr
     ds = json.loads(proc.stdout)
     assert ds["zero_optimization"]["stage"] == 3
@@ -238,10 +235,8 @@ def test_an_empty_run_dir_is_refused():
 
 @pytest.mark.commands
 def test_cli_refuses_a_world_of_no_processes_and_negative_gpu_memory():
-    config = subprocess.run([sys.executable, "-m", "bigtrain.cli", "config", "--world-size", "0"],
-                            capture_output=True, text=True, timeout=120)
-    plan = subprocess.run([sys.executable, "-m", "bigtrain.cli", "plan", "--device", "cuda", "--device-memory", "-80",
-                           "--baseline-gb", "1"], capture_output=True, text=True, timeout=120)
+    config = bigtrain_in_process("config", "--world-size", "0")
+    plan = bigtrain_in_process("plan", "--device", "cuda", "--device-memory", "-80", "--baseline-gb", "1")
     assert config.returncode == 2 and "number of processes must be 1 or more, got 0" in config.stderr
     assert plan.returncode == 2 and "--device-memory -80.0" in plan.stderr, plan.stderr
 
@@ -278,8 +273,7 @@ def test_a_chat_file_whose_messages_lack_the_roles_is_refused_before_any_rank_st
     missing.write_text(json.dumps({"conversation": []}) + "\n")
     for path, words in ((chat, "message 0 has role 'human'; the roles are system, user, assistant"),
                         (missing, "has no field 'messages' (data.messages_field)")):
-        proc = subprocess.run([sys.executable, "-m", "bigtrain.cli", "config", "data=hf", "data.builder=json",
-                               f"data.files=[{path}]", "data.format=chat"], capture_output=True, text=True, timeout=120)
+        proc = bigtrain_in_process("config", "data=hf", "data.builder=json", f"data.files=[{path}]", "data.format=chat")
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1
 
