@@ -21,6 +21,9 @@ import sys
 
 from bigtrain.errors import ConfigError
 
+# The log lines of the commands that load a checkpoint (sample, export), on stderr.
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain", description=__doc__.splitlines()[0])
@@ -222,7 +225,7 @@ def add_sample_arguments(sampler: argparse.ArgumentParser) -> None:
 def sample_command(args: argparse.Namespace) -> int:
     from bigtrain.tools.sample import sample
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     text = sample(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, checkpoint=args.checkpoint,
                   temperature=args.temperature, seed=args.seed)
     print(args.prompt + text)
@@ -242,7 +245,7 @@ def add_export_arguments(exporter: argparse.ArgumentParser) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from bigtrain.tools.export import export
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     print(export(args.run_dir, args.out_dir, args.checkpoint, overwrite=args.overwrite, adapter=args.adapter))
     return 0
 

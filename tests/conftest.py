@@ -134,13 +134,13 @@ def bigtrain_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedP
     import contextlib
     import io
 
-    from bigtrain.cli import main
+    from bigtrain.cli import LOG_FORMAT, main
 
     out, err, before, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
     # The command's log lines go to its stderr (as a process's logging.basicConfig would send them,
     # which in here finds the test session's handlers already set and adds none).
     logger, handler = logging.getLogger("bigtrain"), logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
