@@ -43,9 +43,9 @@ def tiled_loss(model, batch: dict[str, torch.Tensor], shards: int, num_items: in
     from deepspeed.runtime.sequence_parallel.ulysses_sp import sequence_tiled_compute
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
-    head = hf_model.get_output_embeddings()
-    embeddings = hf_model.get_input_embeddings()(batch["input_ids"])
-    tied = head.weight is hf_model.get_input_embeddings().weight
+    head, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    embeddings = embed(batch["input_ids"])
+    tied = head.weight is embed.weight
     if tied and head.weight.requires_grad and torch.is_grad_enabled():
         hold_reduction_until_embedding(head.weight, embeddings)
     hidden = hf_model.get_decoder()(inputs_embeds=embeddings, position_ids=batch["position_ids"],
