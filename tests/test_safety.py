@@ -46,10 +46,6 @@ def run_copy(trained_run, tmp_path):
     return copy
 
 
-def bigtrain_cli(*args, cwd=None, timeout=None) -> subprocess.CompletedProcess:
-    return bigtrain_in_process(*args, cwd=cwd)
-
-
 class Payload:
     """Unpickling this runs `touch MARKER`: the shape of a hostile checkpoint file."""
 
@@ -79,8 +75,8 @@ def test_a_checkpoint_carrying_code_is_refused_by_export_sample_and_resume(run_c
     marker = tmp_path / "code_ran"
     plant_payload(run_copy / "checkpoints" / "step_00000002", victim, marker)
 
-    export = bigtrain_cli("export", run_copy, tmp_path / "out")
-    sample = bigtrain_cli("sample", run_copy, "--prompt", "hi")
+    export = bigtrain_in_process("export", run_copy, tmp_path / "out")
+    sample = bigtrain_in_process("sample", run_copy, "--prompt", "hi")
     resume = run_command(launcher_command("python", 1, [*TRAINED, "train.max_steps=3", f"run_dir={run_copy}"]),
                          tmp_path)
     for proc in (export, sample, resume):
@@ -101,8 +97,8 @@ def test_a_model_or_tokenizer_folder_that_asks_to_run_its_code_is_refused(tmp_pa
         "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
-    model = bigtrain_cli("config", f"model.pretrained={folder}", timeout=120)
-    tokenizer = bigtrain_cli("config", f"data.tokenizer={folder}", timeout=120)
+    model = bigtrain_in_process("config", f"model.pretrained={folder}")
+    tokenizer = bigtrain_in_process("config", f"data.tokenizer={folder}")
     for proc, what in ((model, "model.pretrained"), (tokenizer, "tokenizer")):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert what in proc.stderr and "which bigtrain never does" in proc.stderr, proc.stderr
@@ -156,12 +152,12 @@ def test_export_refuses_a_non_empty_or_file_out_and_replaces_only_when_asked(run
     as_file = tmp_path / "a_file"
     as_file.write_text("not a folder")
     for out in (filled, as_file):
-        proc = bigtrain_cli("export", run_copy, out)
+        proc = bigtrain_in_process("export", run_copy, out)
         assert proc.returncode == 2 and ("already holds files" in proc.stderr or "is a file" in proc.stderr)
     assert (filled / "model-00001-of-00002.safetensors").read_text() == "precious"
     assert as_file.read_text() == "not a folder"
 
-    proc = bigtrain_cli("export", run_copy, filled, "--overwrite")
+    proc = bigtrain_in_process("export", run_copy, filled, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in filled.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
     assert not list(tmp_path.glob(".filled*")), "no partial or replaced folder is left behind"
@@ -176,7 +172,7 @@ def test_a_moved_run_exports_its_own_checkpoints(trained_run, tmp_path):
     # original's (config.yaml names it) would export step 2, and reading the copy's exports step 1.
     shutil.rmtree(original / "step_00000002")
     (original / "latest").write_text("step_00000001")
-    proc = bigtrain_cli("export", moved, tmp_path / "out")
+    proc = bigtrain_in_process("export", moved, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert "step_00000001" in proc.stderr and str(moved) in proc.stderr
 
@@ -258,7 +254,7 @@ def test_an_export_carries_the_tokenizers_special_tokens_and_generation_stops_at
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
-    assert bigtrain_cli("export", run_copy, out).returncode == 0
+    assert bigtrain_in_process("export", run_copy, out).returncode == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     eos = tokenizer.eos_token_id
