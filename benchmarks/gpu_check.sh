@@ -250,14 +250,22 @@ stage_offload() {
     echo "$NPROC rank(s), $DEVICE, ${extra[*]}: $(summary "$WORK/offload" 4)" >"$KEY"
 }
 
+# run_benchmark NAME ARGS...: `python -m benchmarks.NAME ARGS` writing into WORK/NAME (its log in WORK/NAME.log,
+# the last lines shown on failure); its markdown becomes the stage's details, and RESULT_JSON names its JSON.
+run_benchmark() {
+    local name=$1 md
+    shift
+    "$PY" -m "benchmarks.$name" "$@" --out "$WORK/$name" >"$WORK/$name.log" 2>&1 \
+        || { tail -n 30 "$WORK/$name.log"; return 1; }
+    md=$(ls "$WORK/$name/$name"-cuda-*.md | head -n 1)
+    cp "$md" "$WORK/$name.details"
+    RESULT_JSON=${md%.md}.json
+}
+
 stage_throughput() {
     need_gpu
-    "$PY" -m benchmarks.throughput --no-sweep --repeats 1 --warmup 10 --steps 10 --out "$WORK/throughput" \
-        >"$WORK/throughput.log" 2>&1 || { tail -n 30 "$WORK/throughput.log"; return 1; }
-    local md
-    md=$(ls "$WORK"/throughput/throughput-cuda-*.md | head -n 1)
-    cp "$md" "$WORK/throughput.details"
-    "$PY" - "${md%.md}.json" >"$KEY" <<'EOF'
+    run_benchmark throughput --no-sweep --repeats 1 --warmup 10 --steps 10 || return 1
+    "$PY" - "$RESULT_JSON" >"$KEY" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 b = r["comparison"]["bigtrain"]
@@ -268,12 +276,8 @@ EOF
 
 stage_long_context() {
     need_gpu
-    "$PY" -m benchmarks.long_context --device cuda --setups 1 4 --no-search --out "$WORK/long_context" \
-        >"$WORK/long_context.log" 2>&1 || { tail -n 30 "$WORK/long_context.log"; return 1; }
-    local md
-    md=$(ls "$WORK"/long_context/long_context-cuda-*.md | head -n 1)
-    cp "$md" "$WORK/long_context.details"
-    "$PY" - "${md%.md}.json" >"$KEY" <<'EOF'
+    run_benchmark long_context --device cuda --setups 1 4 --no-search || return 1
+    "$PY" - "$RESULT_JSON" >"$KEY" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 parts = []
