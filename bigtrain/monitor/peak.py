@@ -1,6 +1,7 @@
 """The peak TFLOP/s of one device, the denominator of MFU: from the config, a known GPU's datasheet,
 or a matmul measured at start-up."""
 
+import functools
 import re
 import time
 
@@ -39,11 +40,21 @@ def resolve_peak_tflops(configured: float | None, device: str, precision: str) -
 
 def measure_matmul_tflops(device: str, precision: str) -> float:
     """Best of a few square matmuls in the training precision: a fraction of a second on a CPU core.
-    Large enough (n=1024 on the CPU) to run at the BLAS library's full rate, small enough to be cheap."""
+    Large enough (n=1024 on the CPU) to run at the BLAS library's full rate, small enough to be cheap.
+    Measured once per process for each device, precision and thread count: a process that trains run
+    after run (the Python API, a sweep) asks the same hardware the same question."""
+    where = torch.cuda.current_device() if device == "cuda" else torch.get_num_threads()
+    return _measure_matmul_tflops(device, precision, where)
+
+
+@functools.cache
+def _measure_matmul_tflops(device: str, precision: str, where: int) -> float:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     n, reps = (8192, 10) if device == "cuda" else (1024 if dtype == torch.float32 else 512, 4)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: the run's seeded random stream (only rank 0 measures) stays untouched.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(5):  # best of five rounds: other work on the machine only ever slows a round down
         a @ b  # warm-up: first calls pay for allocation and kernel selection
