@@ -51,11 +51,12 @@ train: setup
 
 # Test files run in TEST_WORKERS processes side by side (pytest-xdist), a file's tests in one of them: their
 # launches spend much of their time starting interpreters and waiting on one another, which the other
-# worker fills. TEST_WORKERS=0 runs them in this one process.
+# worker fills. The files that use the rank pools share one worker, and so its pools (tests/conftest.py
+# schedules them). TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 # The tests that start no process: config, validation, planning, parsing, data shaping, the GPU
 # checks against stand-ins (under a minute). `make test` adds rank and command tests.

@@ -12,6 +12,7 @@ tier that starts a process fails.
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from bigtrain.distributed.process_group import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# Small, fast runs: 10 logged steps of the tiny model.
-FAST = ["train.max_steps=10", "logging.interval=1", "scheduler.warmup_steps=2", "train.micro_batch_size=4", "train.seq_len=64"]
+# Small, fast runs: 10 logged steps of the tiny model; the held-out evaluation at the end reads 2 batches
+# (its default 10 add a fifth to such a run's time).
+FAST = ["train.max_steps=10", "logging.interval=1", "scheduler.warmup_steps=2", "train.micro_batch_size=4", "train.seq_len=64",
+        "eval.batches=2"]
 
 
 FAULT_INJECTION = str(Path(__file__).resolve().parent / "fault_injection.py")
@@ -58,6 +61,55 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RANK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.multiprocess)
+
+
+# --------------------------------------------------------------------- test workers (make test)
+
+# Under pytest-xdist each file's tests run in one worker, which builds the file's module-scoped
+# fixtures once; and the files that share a session-scoped resource run in one worker, which builds it
+# once: the rank pools (a pool's processes pay for their start, the interpreters, imports and the first
+# run's warm-up, in every worker that uses them) and shared_run's monitored run. A file is in the first
+# group whose resource its text names: the files that use the 1- and 4-rank pools are one group, those
+# that need only a 2-rank pool another, which starts a second one (one group of every pool file would
+# be the longest unit by far).
+SHARED_RESOURCES = {"rank_pools": re.compile(r"\brank_pool[14]\b|_pool\(_pools, nproc\)"),
+                    "rank_pool": re.compile(r"\b(rank_pool|_pools)\b"),
+                    "monitored_run": re.compile(r"\bmonitored_run\b")}
+
+
+def shared_group(test_file: Path) -> str | None:
+    text = test_file.read_text()
+    return next((group for group, pattern in SHARED_RESOURCES.items() if pattern.search(text)), None)
+
+
+# Handed out first, so that the longest units (measured) do not start last and leave a worker alone at
+# the end; the others follow by their number of tests.
+LONGEST_FIRST = ["rank_pools", "test_plan.py", "test_api.py", "test_multinode.py", "rank_pool", "test_benchmarks.py"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = {path.name: shared_group(path) for path in Path(__file__).parent.glob("test_*.py")}
+
+    class ByFileAndSharedResource(LoadScopeScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return groups.get(Path(path).name) or path
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the queue is complete by the first assignment
+                rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+                units = sorted(self.workqueue.items(), key=lambda unit: rank.get(Path(unit[0]).name, len(rank)))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+                self.ordered = True
+            super()._assign_work_unit(node)
+
+    return ByFileAndSharedResource(config, log)
 
 
 _START_PROCESS = subprocess.Popen.__init__
@@ -197,8 +249,8 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines()):
             return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (code {proc.returncode}) before step {step}")
+        if (code := proc.poll()) is not None:  # a process, or the rank pool
+            pytest.fail(f"run ended (code {code}) before step {step}")
         time.sleep(0.2)
     pytest.fail(f"run did not reach step {step} in {timeout} s")
 
@@ -285,6 +337,21 @@ def pool_train(overrides: list[str]) -> dict:
         return None
     return {"exit_code": result.exit_code, "steps": result.steps, "checkpoint": result.checkpoint,
             "metrics": read_metrics(Path(result.run_dir))}
+
+
+def pool_main(argv: list[str]) -> tuple[int, str]:
+    """On every rank of the pool: bigtrain.train's entry point, `main(argv)`, as a launched rank runs
+    it; (its exit code, what it wrote to stderr). For runs that end in a refusal or a one-process
+    resume, where a launch would spend its time starting the interpreter."""
+    import contextlib
+    import io
+
+    from bigtrain.train import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the run's console log follows sys.stderr
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
 
 
 def train_on_pool(pool, overrides: list[str]) -> list[dict]:

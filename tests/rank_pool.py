@@ -9,6 +9,8 @@ teardown, which leaves a process group it did not create alone, resets the proce
 
     pool = RankPool(2)
     losses = pool.run(train_run, cfg_overrides)     # train_run(...) on rank 0 and rank 1; their results
+    pool.start(train_run, cfg_overrides)             # the same, without waiting (pool.poll(), pool.processes)
+    losses = pool.collect()
     pool.close()
 
 The function must be importable by the workers (a module-level function of a test module or a
@@ -47,24 +49,38 @@ class RankPool:
             self.connections.append(parent)
             self.processes.append(process)
         self.broken = False
+        self.running = None  # the name of the function last started
         self.run(_ready)
 
     def run(self, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
         """`fn(*args)` on every rank at once; the ranks' return values, in rank order."""
+        self.start(fn, *args)
+        return self.collect(timeout_s)
+
+    def start(self, fn, *args) -> None:
+        """Send `fn(*args)` to every rank and return at once; `collect` waits for what they return."""
         if self.broken:
             raise RankFailure("the rank pool is broken by an earlier failure")
         for connection in self.connections:
             connection.send((fn, args))
+        self.running = fn.__name__
+
+    def poll(self) -> int | None:
+        """As Popen.poll: None while a started function runs on some rank, else 0."""
+        return 0 if all(connection.poll() for connection in self.connections) else None
+
+    def collect(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
+        """The return values of the function `start` sent, in rank order, once every rank has one."""
         replies = []
         for rank, connection in enumerate(self.connections):
             if not connection.poll(timeout_s):
                 self.broken = True
                 self.close()
-                raise RankFailure(f"rank {rank} did not finish {fn.__name__} within {timeout_s:g} s")
+                raise RankFailure(f"rank {rank} did not finish {self.running} within {timeout_s:g} s")
             replies.append(connection.recv())
         failures = [f"--- rank {rank} ---\n{value}" for rank, (ok, value) in enumerate(replies) if not ok]
         if failures:
-            raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(failures))
+            raise RankFailure(f"{self.running} failed:\n" + "\n".join(failures))
         return [value for _, value in replies]
 
     def close(self) -> None:

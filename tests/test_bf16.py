@@ -8,8 +8,7 @@ updates computed from bf16 gradients add about as much again (measured on a 2-co
 weights, wrong casts, a loss scaled twice) is off by far more or does not learn at all.
 """
 
-import pytest
-from conftest import FAST, read_metrics, run_bigtrain
+from conftest import FAST, pool_train, read_metrics
 from reference import reference_losses
 
 from bigtrain.config import compose
@@ -18,10 +17,9 @@ STEPS = 4
 OVERRIDES = [*FAST, f"train.max_steps={STEPS}", "zero=stage2"]
 
 
-@pytest.mark.multiprocess
-def test_bf16_follows_fp32_reference(tmp_path):
+def test_bf16_follows_fp32_reference(rank_pool1, tmp_path):
     run_dir = tmp_path / "run"
-    run_bigtrain("python", 1, [*OVERRIDES, "precision=bf16", f"run_dir={run_dir}"], cwd=tmp_path)
+    rank_pool1.run(pool_train, [*OVERRIDES, "precision=bf16", f"run_dir={run_dir}"])
     got = [m["loss"] for m in read_metrics(run_dir)]
     expected = reference_losses(compose(OVERRIDES), dp_size=1, steps=STEPS)
     relative = [abs(a - b) / b for a, b in zip(got, expected)]

@@ -4,24 +4,19 @@ a save gives a clear error (exit 4) and leaves the previous checkpoint valid."""
 import subprocess
 
 import pytest
-from conftest import FAST, launcher_command, run_command
+from conftest import FAST, pool_main
 
 from bigtrain.components.checkpoint.store import find_problem, list_tags
 
 
-def run(overrides, cwd):
-    return run_command(launcher_command("deepspeed", 2, overrides), cwd)  # passes exit codes on
-
-
-@pytest.mark.multiprocess
-def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
+def test_unwritable_checkpoint_dir_is_refused_before_training(rank_pool1, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     run_dir = tmp_path / "run"
-    proc = run_command(launcher_command("python", 1, [*FAST, f"checkpoint.dir={blocker}/checkpoints",
-                                                      f"run_dir={run_dir}"]), tmp_path)
-    assert proc.returncode == 2
-    assert f"checkpoint.dir {blocker}/checkpoints is not writable" in proc.stderr  # before anything is written
+    [(code, stderr)] = rank_pool1.run(pool_main, [*FAST, f"checkpoint.dir={blocker}/checkpoints",
+                                                  f"run_dir={run_dir}"])
+    assert code == 2
+    assert f"checkpoint.dir {blocker}/checkpoints is not writable" in stderr  # before anything is written
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()
 
 
@@ -38,13 +33,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
-@pytest.mark.multiprocess
-def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, small_disk):
+def test_disk_full_during_save_keeps_previous_checkpoint(rank_pool, tmp_path, small_disk):
     run_dir = tmp_path / "run"
     ckpt = small_disk / "checkpoints"
-    proc = run([*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=2",
-                f"checkpoint.dir={ckpt}", f"run_dir={run_dir}"], tmp_path)
-    assert proc.returncode == 4, proc.stderr[-3000:]
+    exits = rank_pool.run(pool_main, [*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=2",
+                                      f"checkpoint.dir={ckpt}", f"run_dir={run_dir}"])
+    assert [code for code, _ in exits] == [4, 4], exits[0][1][-3000:]  # every rank stops with the save's code
     log = (run_dir / "train.log").read_text()
     assert "Could not save checkpoint" in log and "the disk holding it is full" in log
     assert f"The previous checkpoint {ckpt}/step_00000001 is intact" in log

@@ -12,7 +12,7 @@ import os
 import signal
 
 import pytest
-from conftest import FAST, launcher_command, pool_train, rank_pids, read_metrics, train_on_pool, wait_for_step
+from conftest import FAST, pool_main, pool_train, read_metrics, train_on_pool, wait_for_step
 from layout_checks import check_against_reference
 
 SEQUENCE = ["parallel.sequence=2"]
@@ -69,20 +69,21 @@ def test_sequence_2_by_data_2_on_four_ranks_matches_the_reference(rank_pool4, tm
     check_against_reference(run_dir, layout, dp_size=2)
 
 
-def test_sequence_parallel_run_stopped_by_sigterm_resumes_exactly(rank_pool, background, tmp_path):
-    """SIGTERM to the second rank of a launched SP run: it saves and exits 75; resumed, its losses
-    equal an uninterrupted run's bit for bit (fp32 on the CPU, same layout, restored RNG and data
-    position)."""
+def test_sequence_parallel_run_stopped_by_sigterm_resumes_exactly(rank_pool, tmp_path):
+    """SIGTERM to the second rank of an SP run: every rank saves and the run ends with exit code 75;
+    resumed, its losses equal an uninterrupted run's bit for bit (fp32 on the CPU, same layout,
+    restored RNG and data position). The ranks are the pool's: what a launcher adds to the stop (the
+    signal reaching a rank, the job's exit code) is test_checkpoint_resume's SIGTERM test."""
     steps = 30
     overrides = [*FAST, *SEQUENCE, "zero=stage2", "scheduler=constant", f"train.max_steps={steps}"]
     full = [m["loss"] for m in train_on_pool(rank_pool, [*overrides, f"run_dir={tmp_path / 'full'}"])]
 
     run_dir = tmp_path / "run"
-    proc = background(launcher_command("deepspeed", 2, [*overrides, f"run_dir={run_dir}"]), tmp_path,
-                      tmp_path / "log.txt")
-    wait_for_step(run_dir, 3, proc)
-    os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75, (tmp_path / "log.txt").read_text()[-3000:]
+    rank_pool.start(pool_main, [*overrides, f"run_dir={run_dir}"])
+    wait_for_step(run_dir, 3, rank_pool)
+    os.kill(rank_pool.processes[1].pid, signal.SIGTERM)
+    exits = rank_pool.collect(timeout_s=120)
+    assert [code for code, _ in exits] == [75, 75], exits[0][1][-3000:]
     stopped_at = read_metrics(run_dir)[-1]["step"]
     assert stopped_at < steps
 

@@ -19,10 +19,9 @@ from conftest import (
     REPO,
     _pool,
     bigtrain_in_process,
-    launcher_command,
+    pool_main,
     pool_train,
     read_metrics,
-    run_command,
 )
 
 from bigtrain.components.checkpoint.store import MANIFEST, sha256_of
@@ -71,14 +70,14 @@ def plant_payload(tag_dir: Path, name: str, marker: Path) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "rng_rank_00000.pt",
                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
-def test_a_checkpoint_carrying_code_is_refused_by_export_sample_and_resume(run_copy, tmp_path, victim):
+def test_a_checkpoint_carrying_code_is_refused_by_export_sample_and_resume(run_copy, rank_pool1, tmp_path, victim):
     marker = tmp_path / "code_ran"
     plant_payload(run_copy / "checkpoints" / "step_00000002", victim, marker)
 
     export = bigtrain_in_process("export", run_copy, tmp_path / "out")
     sample = bigtrain_in_process("sample", run_copy, "--prompt", "hi")
-    resume = run_command(launcher_command("python", 1, [*TRAINED, "train.max_steps=3", f"run_dir={run_copy}"]),
-                         tmp_path)
+    [(code, stderr)] = rank_pool1.run(pool_main, [*TRAINED, "train.max_steps=3", f"run_dir={run_copy}"])
+    resume = subprocess.CompletedProcess("resume", code, "", stderr)
     for proc in (export, sample, resume):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "unpickling it could run code, so nothing was loaded from it" in proc.stderr
@@ -110,17 +109,16 @@ def test_a_model_or_tokenizer_folder_that_asks_to_run_its_code_is_refused(tmp_pa
 
 
 @pytest.mark.multiprocess
-def test_a_second_job_on_a_locked_run_dir_exits_2_naming_the_holder_and_writes_nothing(run_copy, tmp_path):
+def test_a_second_job_on_a_locked_run_dir_exits_2_naming_the_holder_and_writes_nothing(run_copy, rank_pool1):
     before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
     holder = FolderLock(run_copy)
     holder.acquire()
     try:
-        proc = run_command(launcher_command("python", 1, [*TRAINED, "train.max_steps=4", f"run_dir={run_copy}"]),
-                           tmp_path, timeout=120)
+        [(code, stderr)] = rank_pool1.run(pool_main, [*TRAINED, "train.max_steps=4", f"run_dir={run_copy}"])
     finally:
         holder.release()
-    assert proc.returncode == 2
-    assert f"{run_copy} is in use by another job (held by pid {os.getpid()}" in proc.stderr
+    assert code == 2
+    assert f"{run_copy} is in use by another job (held by pid {os.getpid()}" in stderr
     after = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before, "the refused job touched the first job's files"
 
@@ -181,29 +179,27 @@ def test_a_moved_run_exports_its_own_checkpoints(trained_run, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_resuming_a_checkpoint_of_another_model_is_refused_and_changes_nothing(run_copy, tmp_path):
+def test_resuming_a_checkpoint_of_another_model_is_refused_and_changes_nothing(run_copy, rank_pool1):
     config_before = (run_copy / "config.yaml").read_text()
-    proc = run_command(launcher_command("python", 1, [
-        *TRAINED, "train.max_steps=3", "model.hf_config.intermediate_size=512", f"run_dir={run_copy}"]), tmp_path)
-    assert proc.returncode == 2
-    assert "was saved by a run of a different model" in proc.stderr
+    [(code, stderr)] = rank_pool1.run(pool_main, [
+        *TRAINED, "train.max_steps=3", "model.hf_config.intermediate_size=512", f"run_dir={run_copy}"])
+    assert code == 2
+    assert "was saved by a run of a different model" in stderr
     assert (run_copy / "config.yaml").read_text() == config_before
 
 
 @pytest.mark.multiprocess
-def test_a_fresh_start_keeps_the_old_metrics_and_a_torn_line_does_not_stop_a_resume(run_copy, tmp_path):
+def test_a_fresh_start_keeps_the_old_metrics_and_a_torn_line_does_not_stop_a_resume(run_copy, rank_pool1):
     records = read_metrics(run_copy)
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 7.1')  # a crash mid-write
-    proc = run_command(launcher_command("python", 1, [*TRAINED, "train.max_steps=3", f"run_dir={run_copy}"]),
-                       tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    [(code, stderr)] = rank_pool1.run(pool_main, [*TRAINED, "train.max_steps=3", f"run_dir={run_copy}"])
+    assert code == 0, stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3]
 
     shutil.rmtree(run_copy / "checkpoints")
-    proc = run_command(launcher_command("python", 1, [*TRAINED, "train.max_steps=1", f"run_dir={run_copy}"]),
-                       tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    [(code, stderr)] = rank_pool1.run(pool_main, [*TRAINED, "train.max_steps=1", f"run_dir={run_copy}"])
+    assert code == 0, stderr[-3000:]
     kept = [json.loads(line) for line in (run_copy / "metrics.1.jsonl").read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3] and kept[:2] == records[:2]
     assert [r["step"] for r in read_metrics(run_copy)] == [1]
