@@ -51,8 +51,8 @@ train: setup
 
 # Test files run in TEST_WORKERS processes side by side (pytest-xdist), a file's tests in one of them: their
 # launches spend much of their time starting interpreters and waiting on one another, which the other
-# worker fills. The files that use the rank pools share one worker, and so its pools (tests/conftest.py
-# schedules them). TEST_WORKERS=0 runs them in this one process.
+# worker fills. Files that share a rank pool or the monitored run go to one worker, which builds it once
+# (tests/conftest.py schedules them). TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
 
 test: setup
