@@ -2,18 +2,14 @@
 PowerSGD's compression plan, and a 2-rank run on a fixed sequence of gradients showing that with
 error feedback the applied gradients add up to the true ones (and without it they do not)."""
 
-import json
 import math
-from pathlib import Path
 
-import pytest
 import torch
-from conftest import BIN, run_command
+from comm_exchange_probe import exchange_report
 
 from bigtrain.comm.onebit import BLOCK, SignCompressor, decompress, pack_signs, unpack_signs
 from bigtrain.comm.powersgd import compressed_numel, plan_compression
 from bigtrain.comm.wire import bytes_sent
-from bigtrain.distributed.process_group import free_port
 
 
 def test_sign_packing_round_trip():
@@ -53,12 +49,8 @@ def test_bytes_on_the_wire_per_collective():
     assert bytes_sent("all_reduce", 100, 1) == 0
 
 
-@pytest.mark.multiprocess
-def test_error_feedback_makes_applied_gradients_track_true_ones(tmp_path):
-    proc = run_command([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        str(Path(__file__).parent / "comm_exchange_probe.py"), "100", "400"], tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_error_feedback_makes_applied_gradients_track_true_ones(rank_pool):
+    report = rank_pool.run(exchange_report, [100, 400])[0]
     results = report["results"]
     for method in ("onebit", "powersgd"):
         with_ef, without = results[f"{method}-ef"], results[f"{method}-no_ef"]

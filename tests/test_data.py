@@ -181,9 +181,8 @@ def test_sources_prepared_with_another_tokenizer_are_refused_at_composition(tmp_
     other = tmp_path / "other"
     prepare(compose(["data=hf", "data.builder=json", f"data.files=[{corpus}]", f"data.tokenizer={other_tokenizer}"]).data,
             other, workers=1, progress=False)
-    proc = subprocess.run([str(BIN / "bigtrain"), "config", "data=prepared",
-                           f"data.sources=[{{path: {out}, weight: 0.5}}, {{path: {other}, weight: 0.5}}]"],
-                          capture_output=True, text=True, timeout=120)
+    proc = bigtrain_in_process("config", "data=prepared",
+                               f"data.sources=[{{path: {out}, weight: 0.5}}, {{path: {other}, weight: 0.5}}]")
     assert proc.returncode == 2 and "was prepared with the tokenizer in" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
 

@@ -11,10 +11,9 @@ the wrong size) moves it by far more than 25% on the 30M-parameter model.
 """
 
 import json
-import subprocess
 
 import pytest
-from conftest import BIN, run_bigtrain
+from conftest import bigtrain_in_process, run_bigtrain
 
 from bigtrain.tools.memory import GB, TrainingSetup, model_state_bytes
 from bigtrain.tools.plan import Hardware, plan, process_baseline_gb
@@ -64,10 +63,9 @@ def test_model_states_are_deepspeeds_estimates_for_16_bit_training():
 
 @pytest.mark.commands
 def test_plan_lists_every_choice_and_the_command_for_the_first_that_fits():
-    proc = subprocess.run(
-        [str(BIN / "bigtrain"), "plan", "--device", "cuda", "--device-memory", "24", "--ranks-per-node", "8",
-         "--cpu-memory", "500", "--baseline-gb", "3", "model=llama_1b", "precision=bf16", "train.seq_len=1024",
-         "train.micro_batch_size=1"], capture_output=True, text=True, timeout=120)
+    proc = bigtrain_in_process(
+        "plan", "--device", "cuda", "--device-memory", "24", "--ranks-per-node", "8", "--cpu-memory", "500",
+        "--baseline-gb", "3", "model=llama_1b", "precision=bf16", "train.seq_len=1024", "train.micro_batch_size=1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = [line for line in lines if line.startswith("zero=")]
@@ -83,13 +81,11 @@ def test_plan_lists_every_choice_and_the_command_for_the_first_that_fits():
 
 @pytest.mark.commands
 def test_plan_says_when_nothing_fits_and_refuses_bad_hardware():
-    proc = subprocess.run([str(BIN / "bigtrain"), "plan", "--device", "cpu", "--cpu-memory", "1", "--baseline-gb",
-                           "0.6", "--json"], capture_output=True, text=True, timeout=120)
+    proc = bigtrain_in_process("plan", "--device", "cpu", "--cpu-memory", "1", "--baseline-gb", "0.6", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["recommended"] is None and not any(o["fits"] for o in result["options"])
-    proc = subprocess.run([str(BIN / "bigtrain"), "plan", "--device", "cuda"], capture_output=True, text=True,
-                          timeout=120)
+    proc = bigtrain_in_process("plan", "--device", "cuda")
     assert proc.returncode == 2 and "--device-memory" in proc.stderr
 
 
