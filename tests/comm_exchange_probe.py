@@ -18,9 +18,10 @@ def exchange_report(checkpoints: list[int]) -> dict | None:
     from deepspeed.comm.comm import comms_logger
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    gradients = _gradients(max(checkpoints), rank, world_size)  # the same sequence for every method
     dist.configure(enabled=True, prof_all=True, verbose=False)
     try:
-        results = {f"{method}-{'ef' if ef else 'no_ef'}": _follow(method, ef, checkpoints, rank, world_size)
+        results = {f"{method}-{'ef' if ef else 'no_ef'}": _follow(method, ef, gradients, checkpoints, world_size)
                    for method in ("onebit", "powersgd") for ef in (True, False)}
     finally:
         comms_logger.__init__()  # the pool's later runs start with the logger as a fresh process has it
@@ -43,12 +44,13 @@ def _gradients(steps: int, rank: int, world_size: int) -> tuple[list, list]:
     return sequence, exact_means
 
 
-def _follow(method: str, error_feedback: bool, checkpoints: list[int], rank: int, world_size: int) -> dict:
+def _follow(method: str, error_feedback: bool, gradients: tuple[list, list], checkpoints: list[int],
+            world_size: int) -> dict:
     from bigtrain.comm.onebit import OneBitExchange
     from bigtrain.comm.powersgd import PowerSGDExchange
     from bigtrain.comm.wire import WireCounter
 
-    sequence, exact_means = _gradients(max(checkpoints), rank, world_size)
+    sequence, exact_means = gradients
     if method == "onebit":
         exchange = OneBitExchange([s.numel() for s in SHAPES], world_size, error_feedback, "cpu")
     else:
