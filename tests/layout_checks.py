@@ -3,7 +3,7 @@ single-process reference step for step, counts the whole model once in its metri
 model with the reference's logits.
 
 Loss tolerance: 1e-4 per step, as in tests/test_parity.py (same reasoning: the runs differ from the
-reference only in the order of floating-point sums; measured here at most 1e-5). Pipeline stages add
+reference only in the order of floating-point sums; measured here at most 2e-5). Pipeline stages add
 no arithmetic of their own (activations cross stages unchanged), tensor parallelism splits each
 matmul's sum into per-rank partial sums, and Ulysses moves heads for tokens around attention, each a
 reordering of the same kind.

@@ -1,5 +1,5 @@
 """One real 2-rank run shared by the monitoring, report, sample and planner tests (launched once per
-test session): tiny Llama, ZeRO-2, 10 steps, with the CSV and W&B (offline) sinks and DeepSpeed's flops
+test session): the debug Llama, ZeRO-2, 10 steps, with the CSV and W&B (offline) sinks and DeepSpeed's flops
 profiler on."""
 
 import json

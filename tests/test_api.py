@@ -167,7 +167,7 @@ def test_fit_launches_a_composed_config_of_another_model_into_its_default_run_di
     import bigtrain
 
     monkeypatch.chdir(tmp_path)
-    cfg = bigtrain.compose(["model=tiny_gpt2", *FAST, "logging.progress=false"])
+    cfg = bigtrain.compose([*FAST, "model=tiny_gpt2", "logging.progress=false"])
     cfg.train.max_steps = 2
     result = bigtrain.fit(config=cfg, nproc=2, quiet=True)
     assert result.ok and result.steps == 2, result

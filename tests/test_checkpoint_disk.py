@@ -4,7 +4,7 @@ a save gives a clear error (exit 4) and leaves the previous checkpoint valid."""
 import subprocess
 
 import pytest
-from conftest import FAST, pool_main
+from conftest import FAST, TINY_LLAMA, pool_main
 
 from bigtrain.components.checkpoint.store import find_problem, list_tags
 
@@ -36,7 +36,7 @@ def small_disk(tmp_path):
 def test_disk_full_during_save_keeps_previous_checkpoint(rank_pool, tmp_path, small_disk):
     run_dir = tmp_path / "run"
     ckpt = small_disk / "checkpoints"
-    exits = rank_pool.run(pool_main, [*FAST, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=2",
+    exits = rank_pool.run(pool_main, [*FAST, *TINY_LLAMA, "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep=2",
                                       f"checkpoint.dir={ckpt}", f"run_dir={run_dir}"])
     assert [code for code, _ in exits] == [4, 4], exits[0][1][-3000:]  # every rank stops with the save's code
     log = (run_dir / "train.log").read_text()

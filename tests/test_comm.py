@@ -14,7 +14,7 @@ import json
 import math
 
 import pytest
-from conftest import FAST, _pool, pool_train, read_metrics
+from conftest import FAST, TINY_LLAMA, _pool, pool_train, read_metrics
 
 STEPS = 10
 WARMUP = 2
@@ -42,7 +42,7 @@ def runs(_pools, tmp_path_factory):
         if name not in done:
             tmp = tmp_path_factory.mktemp(name)
             run_dir = tmp / "run"
-            _pool(_pools, 2).run(pool_train, [*FAST, *RUNS[name], "comm.count_bytes=true",
+            _pool(_pools, 2).run(pool_train, [*FAST, *TINY_LLAMA, *RUNS[name], "comm.count_bytes=true",
                                               "checkpoint.save_final=false", "eval.interval=0", f"run_dir={run_dir}"])
             metrics = read_metrics(run_dir)
             assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

@@ -60,8 +60,9 @@ def check_parity(run_dir, reference, nproc, overrides) -> None:
     worst = max(abs(a - b) for a, b in zip(got, expected))
     print(f"worst |loss - reference| over {STEPS} steps: {worst:.2e}")
     assert worst <= TOLERANCE, f"losses {got}\nreference {expected}\nworst |diff| {worst:.2e}"
-    # Training really happened: the loss fell over the 10 steps.
-    assert got[-1] < got[0] - 0.5
+    # Training really happened: over the 10 steps the loss fell by 5x the spread of an untrained model's
+    # loss over the same batches (8.285-8.341, measured with a learning rate of 1e-12).
+    assert got[-1] < got[0] - 0.3
     check_run_outputs(run_dir, [*FAST, *overrides, f"run_dir={run_dir}"], nproc, grad_accum)
 
 

@@ -25,7 +25,7 @@ BAD_CONFIGS = {
         ["train.global_batch_size=20", "train.micro_batch_size=8"], 2,
         "train.global_batch_size=20 cannot hold with 2 data-parallel ranks",
     ),
-    "unknown_model": (["model=llama_9000"], 1, "Unknown model option 'llama_9000' (from 'model=llama_9000'). Choose one of: gpt2_small, llama_1b, tiny_gpt2, tiny_llama"),
+    "unknown_model": (["model=llama_9000"], 1, "Unknown model option 'llama_9000' (from 'model=llama_9000'). Choose one of: debug_llama, gpt2_small, llama_1b, tiny_gpt2, tiny_llama"),
     "unknown_group_option": (["zero=stage9"], 1, "Unknown zero option 'stage9'"),
     "unknown_key": (["train.max_stepz=5"], 1, "Unknown config key 'train.max_stepz'"),
     "moved_key": (["parallel.activation_checkpoint_interval=1"], 1, "Use train.activation_checkpointing=full"),
