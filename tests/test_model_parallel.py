@@ -9,7 +9,7 @@ from layout_checks import GPT2, STEPS, check_against_reference
 
 
 def test_pipeline_llama_matches_reference_resumes_exactly_and_exports(rank_pool, rank_pool1, tmp_path):
-    """PP=2 on tiny Llama (untied head); a second run resumed from the step-5 checkpoint of the
+    """PP=2 on the debug Llama (untied head); a second run resumed from the step-5 checkpoint of the
     first reproduces its steps 6-10 bit for bit (same ranks, restored RNG and data position)."""
     run_dir = tmp_path / "run"
     layout = ["parallel.pipeline=2", "zero=stage1"]
